@@ -1,0 +1,22 @@
+"""Write a tiny random Stable Diffusion v1-layout model (diffusers format) for offline tests.
+
+    python scripts/make_tiny_model.py OUT_DIR [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from text2mask.modeling.tiny import make_tiny_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the model into")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    args = parser.parse_args(argv)
+    print(make_tiny_model(args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""File I/O at the edges of the pipeline: images in, index PNGs and JSON out.
+
+Every write goes to a temporary file in the destination folder and is renamed into
+place, so a killed run never leaves a half-written output behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+class InputError(Exception):
+    """A problem with one input file; the message names the file and the cause."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 array (H, W, 3) as a person sees the photo (EXIF orientation applied)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grey: scale to 8 bits instead of clipping at 255.
+                a = np.asarray(im, dtype=np.float64)
+                peak = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+                im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # Composite on white like an image viewer would.
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, rgba)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except InputError:
+        raise
+    except Exception as e:  # PIL raises several types for corrupt/unknown files
+        raise InputError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    return np.ascontiguousarray(rgb)
+
+
+def read_index_png(path: str | os.PathLike) -> np.ndarray:
+    """Class-index array (H, W) uint8 from an index or palette PNG; never via luminance."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise InputError(f"{path}: not a single-channel index PNG (mode {im.mode})")
+            return np.asarray(im).astype(np.uint8, copy=False)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from e
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_index_png(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Single-channel 8-bit PNG whose pixel values are the class indices (mode 'L').
+
+    Mode 'L' rather than a palette: OpenCV reads palette PNGs as colours, 'L' as indices.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"index mask must be 2-D, got shape {labels.shape}")
+    if labels.dtype != np.uint8:
+        if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+            raise ValueError("index mask values must lie in 0..255")
+        labels = labels.astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(labels))  # uint8 2-D -> mode "L"
+    _atomic(Path(path), lambda f: img.save(f, format="PNG"))
+
+
+def write_png(path: str | os.PathLike, image: Image.Image) -> None:
+    _atomic(Path(path), lambda f: image.save(f, format="PNG"))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

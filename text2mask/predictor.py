@@ -1,0 +1,135 @@
+"""The Python API: ``Text2Mask.from_pretrained(model)(image, labels)``.
+
+Model side (one VAE encode, one text encode per distinct prompt, one conditional UNet
+pass whose rows are the ensemble samples) and the pure stages of ``propagate`` and
+``refine``. The CLI and the batch runner are thin shells over this class.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import propagate as P
+from .io import read_image
+from .modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
+from .modeling.sd import DEFAULT_MODEL, StableDiffusion, load
+from .preprocess import Geometry, geometry, prepare
+from .prompts import ClassSet, PromptPlan, load_class_set, plan_prompts
+from .result import Attention, MaskConfig, MaskResult, background_only, refine
+
+
+def image_seed(seed: int, key: str) -> int:
+    """Per-image seed from (global seed, image id): masks do not depend on order,
+    batching, workers or shards."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+
+class Text2Mask:
+    def __init__(self, sd: StableDiffusion, class_set: ClassSet | str = "voc", config: MaskConfig | None = None):
+        self.sd = sd
+        self.class_set = load_class_set(class_set) if isinstance(class_set, (str, Path)) else class_set
+        self.config = (config or MaskConfig()).resolved(self.class_set)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, class_set: ClassSet | str = "voc",
+                        config: MaskConfig | None = None, device: str | None = None,
+                        dtype: str | None = None, revision: str | None = None) -> "Text2Mask":
+        return cls(load(model, device=device, dtype=dtype, revision=revision), class_set, config)
+
+    # -- prompts ---------------------------------------------------------------------
+    def class_indices(self, labels: Sequence[int | str]) -> tuple[int, ...]:
+        out = []
+        for lab in labels:
+            if isinstance(lab, str) and not lab.strip().isdigit():
+                try:
+                    out.append(self.class_set.index_of(lab))
+                except KeyError:
+                    raise ValueError(f"unknown class name {lab!r} for class set '{self.class_set.name}'") from None
+            else:
+                self.class_set.spec(int(lab))
+                out.append(int(lab))
+        return tuple(sorted(set(out)))
+
+    def plan(self, classes: Sequence[int]) -> PromptPlan:
+        return plan_prompts(self.sd.tokenizer, self.class_set, classes)
+
+    def _embed(self, text: str) -> torch.Tensor:
+        if text not in self._text_cache:
+            ids = self.sd.tokenizer(text, padding="max_length", max_length=77, truncation=False,
+                                    return_tensors="pt").input_ids
+            if ids.shape[1] != 77:
+                raise ValueError(f"prompt does not fit in 77 tokens: {text!r}")
+            emb = self.sd.text_encoder(ids.to(self.sd.device))[0]
+            if len(self._text_cache) > 4096:
+                self._text_cache.clear()
+            self._text_cache[text] = emb[0]
+        return self._text_cache[text]
+
+    # -- model side ------------------------------------------------------------------
+    @torch.inference_mode()
+    def attend(self, items: Sequence[tuple[str, np.ndarray, PromptPlan]]) -> list[Attention]:
+        """Scores and labels for images (key, rgb, plan) of the SAME padded size, in one
+        VAE call and one UNet call whose rows are image x prompt x sample."""
+        sd, cfg = self.sd, self.config
+        geos: list[Geometry] = [geometry(*rgb.shape[:2]) for _, rgb, _ in items]
+        padded = {(g.padded_height, g.padded_width) for g in geos}
+        if len(padded) != 1:
+            raise ValueError(f"attend() batches images of one padded size, got {sorted(padded)}")
+        x = torch.stack([prepare(rgb, g) for (_, rgb, _), g in zip(items, geos)]).to(sd.device, sd.dtype)
+        posterior = sd.vae.encode(x).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+
+        a = sd.alphas_cumprod[cfg.timestep]
+        latents, texts = [], []
+        for i, (key, _, plan) in enumerate(items):
+            gen = torch.Generator().manual_seed(image_seed(cfg.seed, key))
+            eps0 = torch.randn(mean.shape[1:], generator=gen).to(sd.device)
+            z = (mean[i] + std[i] * eps0) * sd.latent_scale
+            noise = torch.randn((cfg.samples, *mean.shape[1:]), generator=gen).to(sd.device)
+            z_t = (a.sqrt() * z + (1 - a).sqrt() * noise).to(sd.dtype)  # (samples, 4, h, w)
+            for prompt in plan.prompts:  # every prompt shares the image's noise draws
+                latents.append(z_t)
+                texts.append(self._embed(prompt.text).expand(cfg.samples, -1, -1))
+        t = torch.tensor(cfg.timestep, device=sd.device)
+        with AttentionCapture(sd.unet, CROSS_BLOCKS, SELF_BLOCK) as cap:
+            maps = cap.run(torch.cat(latents), t, torch.cat(texts))
+
+        out, row = [], 0
+        box = cfg.box_threshold if cfg.box_threshold and cfg.box_threshold > 0 else None
+        for (key, _, plan), geo in zip(items, geos):
+            per_sample = [[] for _ in range(cfg.samples)]
+            for prompt in plan.prompts:
+                for s in range(cfg.samples):
+                    cross = P.class_cross([maps.cross[b][row] for b in sorted(maps.cross)], prompt.spans, maps.grid)
+                    per_sample[s].append(P.propagate(maps.self_attn[row], cross, box))
+                    row += 1
+            self_cross = torch.stack([torch.cat(sc) for sc in per_sample]).mean(dim=0)
+            scores = P.scores_with_background(self_cross, cfg.background_tau, cfg.background_power)
+            labels, full = P.to_image(scores, plan.classes, geo)
+            out.append(Attention(key, (0, *plan.classes), labels, full, plan))
+        return out
+
+    # -- one image, end to end -------------------------------------------------------
+    def __call__(self, image: str | Path | Image.Image | np.ndarray, labels: Sequence[int | str],
+                 key: str | None = None) -> MaskResult:
+        if isinstance(image, (str, Path)):
+            key = key or Path(image).stem
+            rgb = read_image(image)
+        elif isinstance(image, Image.Image):
+            rgb = np.asarray(image.convert("RGB"))
+        else:
+            rgb = np.ascontiguousarray(image, dtype=np.uint8)
+        key = key or "image"
+        classes = self.class_indices(labels)
+        if not classes:
+            att = background_only(key, *rgb.shape[:2])
+        else:
+            att = self.attend([(key, rgb, self.plan(classes))])[0]
+        return refine(att, rgb, self.config)

@@ -1,0 +1,224 @@
+"""Stage 1 — image-level labels to one composed prompt and each class's token span.
+
+    "a photo including " + s(k1) + ", " + ... + s(kn) + ", " + "w1, w2, ..., and wm."
+
+A class set (``prompts/voc.json``, ``prompts/coco.json`` or a user file of the same
+format) gives, per class, its synonym text ``prompt`` and its background words, plus the
+dataset's box threshold and background (tau, p). Spans are counted with the model's own
+tokenizer, never hard-coded.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PREFIX = "a photo including "
+MAX_TOKENS = 77  # CLIP context: start token + 75 + end token
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    name: str
+    prompt: str
+    background: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """A dataset's classes (index 1..n; 0 is background) and its method parameters."""
+
+    name: str
+    classes: tuple[ClassSpec, ...]
+    box_threshold: float
+    background_tau: float
+    background_power: float
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        """Including background."""
+        return len(self.classes) + 1
+
+    @property
+    def names(self) -> list[str]:
+        return ["background"] + [c.name for c in self.classes]
+
+    def spec(self, index: int) -> ClassSpec:
+        if not 1 <= index <= len(self.classes):
+            raise ValueError(f"class index {index} outside 1..{len(self.classes)} of class set '{self.name}'")
+        return self.classes[index - 1]
+
+    def index_of(self, name: str) -> int:
+        """Class index of a class name (case-insensitive, spaces/underscores ignored)."""
+        key = _norm(name)
+        for i, c in enumerate(self.classes, start=1):
+            if _norm(c.name) == key:
+                return i
+        raise KeyError(name)
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace(" ", "").replace("_", "").replace("-", "")
+
+
+def load_class_set(name_or_path: str | Path) -> ClassSet:
+    """``voc``/``coco`` (bundled in ``prompts/``) or the path of a JSON file of that format."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PROMPTS_DIR / f"{name_or_path}.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: class/prompt file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON prompts file ({e})") from None
+    try:
+        default_bg = tuple(doc.get("default_background", ()))
+        classes = tuple(
+            ClassSpec(
+                name=str(c["name"]),
+                prompt=str(c.get("prompt", c["name"])),
+                background=tuple(c.get("background", default_bg)),
+            )
+            for c in doc["classes"]
+        )
+        cs = ClassSet(
+            name=str(doc.get("name", path.stem)),
+            classes=classes,
+            box_threshold=float(doc.get("box_threshold", 0.2)),
+            background_tau=float(doc.get("background_tau", 1.0)),
+            background_power=float(doc.get("background_power", 2.0)),
+            source=str(path),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed prompts file ({type(e).__name__}: {e}); "
+                         "expected {'classes': [{'name': ..., 'prompt': ..., 'background': [...]}, ...]}") from None
+    if not classes:
+        raise ValueError(f"{path}: prompts file lists no classes")
+    names = [_norm(c.name) for c in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate class names")
+    return cs
+
+
+def background_text(words: Sequence[str]) -> str:
+    if not words:
+        return ""
+    if len(words) == 1:
+        return f"and {words[0]}."
+    return ", ".join(words[:-1]) + f", and {words[-1]}."
+
+
+def background_words(specs: Sequence[ClassSpec]) -> list[str]:
+    """Union of the present classes' background words, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for s in specs:
+        for w in s.background:
+            seen.setdefault(w, None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One composed prompt; ``spans[i]`` are the token positions of ``classes[i]``
+    (positions in the tokenized prompt with the start token at 0)."""
+
+    text: str
+    classes: tuple[int, ...]
+    spans: tuple[tuple[int, ...], ...]
+    num_tokens: int  # including start and end tokens
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def compose(tokenizer, texts: Sequence[str], classes: Sequence[int], background: Sequence[str]) -> Prompt:
+    """Compose the prompt from the class texts and background words and locate the spans.
+
+    Each piece is tokenized alone; CLIP's pre-tokenizer splits at spaces and punctuation,
+    so the pieces' tokens concatenate to the prompt's tokens. That is checked, not assumed.
+    """
+    pieces: list[tuple[str, int | None]] = [(PREFIX, None)]
+    for i, t in enumerate(texts):
+        pieces.append((t, i))
+        pieces.append((", " if (background or i < len(texts) - 1) else ".", None))
+    if background:
+        pieces.append((background_text(background), None))
+    text = "".join(p for p, _ in pieces)
+    spans: list[tuple[int, ...]] = [()] * len(texts)
+    pos = 1  # start token
+    for piece, owner in pieces:
+        n = _count(tokenizer, piece)
+        if owner is not None:
+            spans[owner] = tuple(range(pos, pos + n))
+        pos += n
+    total = _count(tokenizer, text)
+    if total != pos - 1:
+        raise RuntimeError(f"token spans do not add up for prompt {text!r} ({pos - 1} vs {total} tokens)")
+    if any(len(s) == 0 for s in spans):
+        empty = [texts[i] for i, s in enumerate(spans) if not s]
+        raise ValueError(f"class text(s) {empty} tokenize to nothing")
+    return Prompt(text=text, classes=tuple(classes), spans=tuple(spans), num_tokens=total + 2)
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """The prompt(s) for one image. Several prompts only when one would not fit in 77
+    tokens; ``actions`` says which overflow rules fired (ALGORITHM.md section 8)."""
+
+    prompts: tuple[Prompt, ...]
+    actions: tuple[str, ...] = field(default=())
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        return tuple(k for p in self.prompts for k in p.classes)
+
+
+def plan_prompts(tokenizer, class_set: ClassSet, classes: Sequence[int],
+                 max_tokens: int = MAX_TOKENS) -> PromptPlan:
+    """Prompt(s) for an image's classes (taken in ascending index order).
+
+    Overflow: drop background words, then use plain class names instead of synonyms,
+    then split the classes over several prompts. Never truncate, never lose a class.
+    """
+    classes = sorted(set(int(k) for k in classes))
+    if not classes:
+        raise ValueError("an image needs at least one class to compose a prompt")
+    specs = [class_set.spec(k) for k in classes]
+    synonyms = [s.prompt for s in specs]
+    plain = [s.name for s in specs]
+    bg = background_words(specs)
+
+    p = compose(tokenizer, synonyms, classes, bg)
+    if p.num_tokens <= max_tokens:
+        return PromptPlan((p,))
+    actions = ["dropped background words"]
+    p = compose(tokenizer, synonyms, classes, ())
+    if p.num_tokens <= max_tokens:
+        return PromptPlan((p,), tuple(actions))
+    actions.append("used plain class names instead of synonyms")
+    p = compose(tokenizer, plain, classes, ())
+    if p.num_tokens <= max_tokens:
+        return PromptPlan((p,), tuple(actions))
+
+    # Greedy split: fill each prompt with as many classes (in index order) as fit.
+    prompts: list[Prompt] = []
+    start = 0
+    while start < len(classes):
+        end = start + 1
+        best = compose(tokenizer, plain[start:end], classes[start:end], ())
+        if best.num_tokens > max_tokens:
+            raise ValueError(f"class name {plain[start]!r} alone does not fit in {max_tokens} tokens")
+        while end < len(classes):
+            nxt = compose(tokenizer, plain[start:end + 1], classes[start:end + 1], ())
+            if nxt.num_tokens > max_tokens:
+                break
+            best, end = nxt, end + 1
+        prompts.append(best)
+        start = end
+    actions.append(f"split the classes over {len(prompts)} prompts")
+    return PromptPlan(tuple(prompts), tuple(actions))
