@@ -127,6 +127,7 @@ def generate(
     overwrite: bool = typer.Option(False, help="Redo every image, even if an earlier run finished it."),
     shard: Optional[str] = typer.Option(None, help="I/N: process only shard I of N (0-based), e.g. for job arrays."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the masks when ground truth exists."),
+    max_pixels: int = typer.Option(4_000_000, min=0, help="Photos with more pixels are worked on area-shrunk (scores, CRF) and their masks written at full size; 0 = never."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Pseudo masks for a dataset: masks/ (255 = unsure), initial/, crf/, run.json, metrics.json."""
@@ -140,6 +141,12 @@ def generate(
         ds = load_dataset(dataset, data_root, split, labels_from, labels, images, prompts, images_dir, annotations)
         if len(ds) == 0:
             raise DatasetError("the dataset has no images")
+        if dataset is DatasetKind.coco and evaluate:
+            from dataclasses import replace
+
+            from .data.coco import ensure_gt
+
+            ds = ensure_gt(replace(ds, samples=ds.samples[:limit]) if limit else ds, progress=progress)
         _quiet_libraries()
         from .predictor import MaskConfig, Text2Mask
 
@@ -148,7 +155,8 @@ def generate(
                          crf_image=crf_image.value, confidence=confidence)
         opts = RunOptions(out=out, batch_size=batch_size,
                           workers=default_workers() if workers is None else workers,
-                          limit=limit, overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress)
+                          limit=limit, overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress,
+                          max_pixels=max_pixels or None)
         _log(f"loading {model} ...")
         predictor = Text2Mask.from_pretrained(model, ds.class_set, cfg, device=device, dtype=dtype, revision=revision)
         summary = run(predictor, ds, opts, log=_log)
@@ -198,6 +206,30 @@ def evaluate(
     typer.echo(format_table(res, f"{pred} vs {gt} ({res['split']})"))
     if json_out:
         write_json(json_out, res)
+        from .visualize import iou_bar_chart
+
+        iou_bar_chart(res, json_out.with_suffix(".png"))
+
+
+@app.command("coco-gt")
+def coco_gt(
+    data_root: Path = typer.Option(..., help="COCO root (with <split>2014/ and annotations/)."),
+    split: str = typer.Option("train", help="train or val."),
+    annotations: Optional[Path] = typer.Option(None, help="Override annotations/instances_<split>2014.json."),
+    images_dir: Optional[Path] = typer.Option(None, help="Override <root>/<split>2014/."),
+    out: Optional[Path] = typer.Option(None, help="Where to write (default <root>/SegmentationClass/<split>2014)."),
+) -> None:
+    """Render COCO semantic ground truth (81 classes) from the instance annotations, once."""
+    from .data.base import DatasetError
+    from .data.coco import build_gt, load_coco
+
+    try:
+        ds = load_coco(data_root, split, images_dir=images_dir, annotations=annotations)
+        where = build_gt(ds, out, progress=True)
+    except DatasetError as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_CONFIG)
+    typer.echo(f"ground truth of {len(ds)} images in {where}")
 
 
 @app.command("prompts")
@@ -231,6 +263,95 @@ def show_prompts(
         for k, span in zip(p.classes, p.spans):
             toks = tok.convert_ids_to_tokens([ids[i] for i in span])
             typer.echo(f"  {k:3d} {cs.spec(k).name:<20} tokens {span[0]}..{span[-1]}: {' '.join(toks)}")
+
+
+def _phrase_class_set(labels: str):
+    """An in-memory class set whose k-th class is the k-th comma-separated phrase, with
+    VOC's default background words and VOC's box threshold and background (tau, p)."""
+    from .prompts import PROMPTS_DIR, ClassSet, ClassSpec
+
+    phrases = [p.strip() for p in labels.split(",") if p.strip()]
+    if not phrases:
+        raise ValueError("--labels needs at least one phrase, e.g. --labels 'dog,frisbee'")
+    if len({p.lower() for p in phrases}) != len(phrases):
+        raise ValueError(f"--labels repeats a phrase: {', '.join(phrases)}")
+    background = tuple(json.loads((PROMPTS_DIR / "voc.json").read_text(encoding="utf-8"))["default_background"])
+    return ClassSet(name="open-vocabulary", classes=tuple(ClassSpec(p, p, background) for p in phrases),
+                    box_threshold=0.2, background_tau=1.0, background_power=2.0)
+
+
+@app.command()
+def segment(
+    images: list[Path] = typer.Argument(..., help="Photos to segment."),
+    labels: str = typer.Option(..., help="Comma-separated free phrases, one class each, e.g. 'dog,frisbee'. "
+                                         "Each phrase gets VOC's default background words; box threshold 0.2, "
+                                         "background tau 1.0, power p 2."),
+    out: Path = typer.Option(Path("segment-out"), help="Output folder."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("auto", help="fp32, fp16 or bf16 (auto: fp16 on CUDA, fp32 on CPU)."),
+    samples: int = typer.Option(1, min=1, help="Noise samples in the ensemble."),
+    seed: int = typer.Option(0, help="Global seed; each image's draws come from (seed, file stem)."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement."),
+) -> None:
+    """Open-vocabulary masks for photos: <out>/<stem>.png (index k = k-th phrase, 0 = background,
+    255 = unsure after the CRF; without the CRF the initial labels) and <out>/<stem>_overlay.png."""
+    from .io import InputError, read_image, write_index_png, write_png
+    from .modeling.sd import ModelLoadError
+    from .visualize import overlay_with_legend
+
+    try:
+        cs = _phrase_class_set(labels)
+        stems = [p.stem for p in images]
+        if len(set(stems)) != len(stems):
+            raise ValueError("two images share a file name stem; their outputs would overwrite each other")
+        _quiet_libraries()
+        from .predictor import MaskConfig, Text2Mask
+
+        _log(f"loading {model} ...")
+        predictor = Text2Mask.from_pretrained(model, cs, MaskConfig(samples=samples, seed=seed, crf=crf),
+                                              device=device, dtype=dtype)
+        classes = list(range(1, len(cs.classes) + 1))
+        predictor.plan(classes)  # a phrase that tokenizes to nothing fails here, not once per image
+    except (ModelLoadError, ValueError) as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_CONFIG)
+    failed = []
+    for path in images:
+        try:
+            rgb = read_image(path)
+            res = predictor(rgb, classes, key=path.stem)
+        except Exception as e:  # noqa: BLE001 - one photo must not stop the others
+            _err(str(e) if isinstance(e, InputError) else f"{path}: {type(e).__name__}: {e}")
+            failed.append(path)
+            continue
+        mask = res.mask if res.crf is not None else res.labels
+        write_index_png(out / f"{path.stem}.png", mask)
+        write_png(out / f"{path.stem}_overlay.png", overlay_with_legend(rgb, mask, cs.names))
+        _log(f"{path} -> {out / path.stem}.png, {out / path.stem}_overlay.png")
+    if failed:
+        _err(f"{len(failed)} of {len(images)} image(s) failed: {', '.join(map(str, failed))}")
+        raise typer.Exit(EXIT_FAILED_IMAGES)
+
+
+@app.command()
+def visualize(
+    run: Path = typer.Option(..., help="Output folder of `text2mask generate`."),
+    n: int = typer.Option(16, min=1, help="Show the first N ids (sorted) that have masks."),
+    images: Optional[Path] = typer.Option(None, help="Photo folder (default: the run's recorded image folder)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: <run>/vis)."),
+) -> None:
+    """Per-image strips photo | initial | CRF | ground truth | unsure pixels, plus index.html.
+    The last column is CRF confidence below the run's threshold (masks/ 255), not the score gap."""
+    from .io import InputError
+    from .visualize import visualize_run
+
+    try:
+        index = visualize_run(run, n=n, out=out, images=images)
+    except (InputError, ValueError) as e:
+        _err(str(e))
+        raise typer.Exit(EXIT_CONFIG)
+    typer.echo(index)
 
 
 def main() -> None:

@@ -66,3 +66,15 @@ def prepare(rgb: np.ndarray, geo: Geometry) -> torch.Tensor:
     canvas[: geo.resized_height, : geo.resized_width] = np.asarray(img)
     x = torch.from_numpy(canvas).permute(2, 0, 1).float() / 255.0
     return x * 2.0 - 1.0
+
+
+def shrink(rgb: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """Area-downscale a photo above ``max_pixels`` (aspect kept) so the score maps and the
+    CRF of a huge photo stay memory-bounded; its masks are scaled back up when written.
+    The model sees at most a 1024-pixel side either way."""
+    h, w = rgb.shape[:2]
+    if not max_pixels or h * w <= max_pixels:
+        return rgb
+    s = (max_pixels / (h * w)) ** 0.5
+    size = (max(1, int(w * s)), max(1, int(h * s)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BOX))

@@ -50,6 +50,7 @@ class Attention:
     labels: np.ndarray              # (h, w) uint8 class indices
     scores: np.ndarray              # (n + 1, h, w) float32 [background, SC_k1, ...]
     plan: PromptPlan | None = None  # None for an image without labels
+    full_size: tuple[int, int] | None = None  # (h, w) to write at, if the photo was shrunk
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .data.base import Dataset, Sample
 from .evaluate import evaluate_dirs, format_table
 from .io import InputError, read_image, write_json
 from .predictor import Text2Mask
-from .preprocess import geometry
+from .preprocess import geometry, shrink
 from .result import Attention, background_only
 from .write import FOLDERS, finish, is_complete, output_path
 
@@ -50,6 +50,7 @@ class RunOptions:
     shard: tuple[int, int] | None = None     # (index, count), 0-based index
     evaluate: bool = True
     progress: bool = True
+    max_pixels: int | None = 4_000_000  # larger photos are worked on shrunk (masks written full size)
 
 
 @dataclass
@@ -161,6 +162,7 @@ def _manifest(out: Path, fp: dict, predictor: Text2Mask, dataset: Dataset, opts:
         "seed": predictor.config.seed,
         "model": predictor.sd.info,
         "dataset": {"name": dataset.name, "split": dataset.split, "images": len(dataset),
+                    "image_dir": _common_parent([s.image for s in dataset.samples]),
                     "label_source": dataset.label_source,
                     "gt_dir": str(dataset.gt_dir) if dataset.gt_dir else None,
                     "class_set": predictor.class_set.source},
@@ -177,11 +179,18 @@ def _manifest(out: Path, fp: dict, predictor: Text2Mask, dataset: Dataset, opts:
     write_json(out / "run.json", doc)
 
 
+def _common_parent(paths: list[Path]) -> str | None:
+    parents = {str(p.parent) for p in paths}
+    return parents.pop() if len(parents) == 1 else None
+
+
 def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print) -> RunSummary:
     started = time.time()
     out = Path(opts.out)
     fp = fingerprint(predictor, dataset)
     _check_output(out, fp, opts.overwrite)
+    if predictor.sd.info.get("random_weights"):
+        log("WARNING: the model has random weights (test model): these masks and metrics are MEANINGLESS")
     for note in dataset.notes:
         log(f"note: {note}")
     log(f"labels from {dataset.label_source}")
@@ -219,7 +228,10 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
                 summary.failures.append(failures.add(key, "crf/write", e))
             bar.update(1)
 
+    full_size: dict[str, tuple[int, int] | None] = {}
+
     def submit(att: Attention, rgb: np.ndarray) -> None:
+        att.full_size = full_size.pop(att.key, None)
         if pool is None:
             try:
                 finish(att, rgb, cfg, out)
@@ -262,10 +274,13 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
         for s in todo:
             try:
                 classes = dataset.labels(s)
-                rgb = read_image(s.image)
+                photo = read_image(s.image)
             except Exception as e:  # noqa: BLE001
                 fail(s.id, "read", e)
                 continue
+            rgb = shrink(photo, opts.max_pixels)
+            full_size[s.id] = photo.shape[:2] if rgb is not photo else None
+            del photo
             if not classes:
                 log(f"{s.id}: no image-level labels; writing an all-background mask")
                 summary.no_labels += 1
@@ -296,6 +311,10 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
     summary.seconds = time.time() - started
     if opts.evaluate and dataset.gt_dir is not None:
         summary.metrics = evaluate_run(out, dataset, samples, log)
+        for folder, m in (summary.metrics or {}).items():
+            if isinstance(m, dict) and "error" in m:
+                summary.failures.append(failures.add(f"({folder}/ evaluation)", "evaluate", m["error"]))
+        summary.failed = len(summary.failures)
     _manifest(out, fp, predictor, dataset, opts, summary, started)
     return summary
 
@@ -310,7 +329,12 @@ def evaluate_run(out: Path, dataset: Dataset, samples: list[Sample], log=print) 
     for folder in FOLDERS:
         if not all(output_path(out, folder, i).is_file() for i in ids):
             continue
-        res = evaluate_dirs(out / folder, dataset.gt_dir, ids=ids, num_classes=len(names), class_names=names)
+        try:
+            res = evaluate_dirs(out / folder, dataset.gt_dir, ids=ids, num_classes=len(names), class_names=names)
+        except InputError as e:  # e.g. a GT of another size: the masks stay, the numbers can't be had
+            log(f"error: cannot evaluate {folder}/: {e}")
+            metrics[folder] = {"error": str(e)}
+            continue
         metrics[folder] = res
         log(format_table(res, f"{folder}/ vs ground truth ({dataset.name} {dataset.split}, {len(ids)} images)"))
     write_json(out / "metrics.json", metrics)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .io import write_index_png
 from .result import Attention, MaskConfig, refine
@@ -26,14 +27,22 @@ def is_complete(out: Path, key: str) -> bool:
     return output_path(out, "masks", key).is_file()
 
 
+def _at_size(labels: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None or labels.shape == tuple(size):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
+
+
 def finish(att: Attention, rgb: np.ndarray, cfg: MaskConfig, out: Path) -> tuple[str, float]:
     """CRF + the three PNGs of one image; returns (id, seconds spent)."""
     start = time.perf_counter()
     res = refine(att, rgb, cfg)
-    write_index_png(output_path(out, "initial", att.key), res.labels)
+    write = lambda folder, labels: write_index_png(  # noqa: E731
+        output_path(out, folder, att.key), _at_size(labels, att.full_size))
+    write("initial", res.labels)
     if res.crf is not None:
-        write_index_png(output_path(out, "crf", att.key), res.crf)
-        write_index_png(output_path(out, "masks", att.key), res.mask)
+        write("crf", res.crf)
+        write("masks", res.mask)
     else:  # --no-crf: the training mask is the initial labels
-        write_index_png(output_path(out, "masks", att.key), res.labels)
+        write("masks", res.labels)
     return att.key, time.perf_counter() - start

@@ -80,6 +80,8 @@ def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | Non
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .tiny import RANDOM_WEIGHTS_MARKER
+
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     local = Path(model).expanduser()
@@ -115,6 +117,8 @@ def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | Non
     info = {"model": model, "local": is_local, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
     if is_local:
         info["folder_sha256"] = folder_digest(local)
+        if (local / RANDOM_WEIGHTS_MARKER).is_file():
+            info["random_weights"] = True
     else:
         info["revision"] = revision or "main"
         info["resolved_revision"] = _resolved_revision(unet)

@@ -97,6 +97,9 @@ def build_clip_tokenizer(out_dir: str | os.PathLike) -> CLIPTokenizer:
     return tokenizer
 
 
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
+
+
 def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Save a tiny random SD v1-layout model in diffusers format to `out_dir` and return it."""
     # Deferred: importing the diffusers pipelines costs seconds and is only needed here.
@@ -173,4 +176,8 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # Lets every run on this model say loudly that its masks mean nothing.
+    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
+        "Randomly initialised tiny SD v1-layout model for tests and offline smoke runs.\n"
+        "Masks made with it are meaningless.\n")
     return out_dir

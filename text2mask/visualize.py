@@ -1,0 +1,253 @@
+"""Pictures for people: coloured masks, the uncertainty view (paper Fig. 4), a comparison
+strip per image, an HTML page over a run's outputs and a per-class IoU bar chart.
+
+Everything is drawn with PIL from arrays; only ``visualize_run`` and ``iou_bar_chart``
+touch files. One palette serves VOC, COCO and custom class sets alike: the standard
+PASCAL VOC palette (class bits interleaved into R, G, B), whose 256 entries are all
+distinct. Index 255 (unsure / void) keeps that palette's own entry, the off-white
+(224, 224, 192) VOC uses for void boundaries.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .io import InputError, read_image, read_index_png, write_png, write_text
+
+UNSURE = 255
+UNCERTAIN_GAP = 0.05  # ALGORITHM.md section 6: top-two scores closer than this are "uncertain"
+UNCERTAIN_TITLE = f"uncertain: top-2 score gap < {UNCERTAIN_GAP:g}"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+PAD = 4
+SWATCH = 12
+_FONT = ImageFont.load_default()
+_MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+LINE = max(_MEASURE.textbbox((0, 0), "Ag", font=_FONT)[3], SWATCH)
+CAPTION_HEIGHT = LINE + 2 * PAD   # the column titles under a strip's panels
+LEGEND_ROW = LINE + PAD
+CHART_WIDTH = 600
+CHART_TOP = LINE + 3 * PAD        # the title line of the bar chart
+BAR_ROW = LINE + PAD
+
+
+def _voc_palette() -> np.ndarray:
+    pal = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, rgb = i, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << bit
+            c >>= 3
+        pal[i] = rgb
+    return pal
+
+
+PALETTE = _voc_palette()
+
+
+def _text_width(text: str) -> int:
+    return int(np.ceil(_MEASURE.textlength(text, font=_FONT)))
+
+
+def class_name(index: int, names: Sequence[str]) -> str:
+    if index == UNSURE:
+        return "unsure / void"
+    return names[index] if 0 <= index < len(names) else str(index)
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """(h, w) class indices -> (h, w, 3) uint8 palette colours."""
+    return PALETTE[np.asarray(labels)]
+
+
+def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Class colours blended into the photo. Background (0) pixels are left untouched,
+    since its palette colour is black and would only darken the photo."""
+    rgb = np.asarray(rgb, np.uint8)
+    labels = np.asarray(labels)
+    blend = np.rint((1 - alpha) * rgb + alpha * colorize(labels)).astype(np.uint8)
+    return np.where((labels != 0)[..., None], blend, rgb)
+
+
+def binary_map(mask: np.ndarray) -> np.ndarray:
+    """True -> white, False -> black, as (h, w, 3) uint8."""
+    return np.repeat(np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def uncertainty_map(scores: np.ndarray) -> np.ndarray:
+    """Paper Fig. 4: white where the top two of the (n + 1, h, w) scores differ by less
+    than 0.05, black elsewhere. One channel (background only) is never uncertain."""
+    scores = np.asarray(scores)
+    if scores.shape[0] < 2:
+        return binary_map(np.zeros(scores.shape[1:], bool))
+    top2 = np.sort(scores, axis=0)[-2:]
+    return binary_map(top2[1] - top2[0] < UNCERTAIN_GAP)
+
+
+def legend(classes: Sequence[int], names: Sequence[str], width: int | None = None) -> Image.Image:
+    """White strip of colour swatches with class names, wrapped into rows of ``width``
+    pixels (default: one row). ``names[k]`` names class k; 255 is "unsure / void"."""
+    items = [(int(k), class_name(int(k), names)) for k in classes]
+    sizes = [SWATCH + PAD + _text_width(name) + 3 * PAD for _, name in items]
+    width = width or max(PAD + sum(sizes), 1)
+    rows, x = [[]], PAD
+    for item, size in zip(items, sizes):
+        if rows[-1] and x + size > width:
+            rows.append([])
+            x = PAD
+        rows[-1].append((x, item))
+        x += size
+    img = Image.new("RGB", (width, len(rows) * LEGEND_ROW + PAD), "white")
+    draw = ImageDraw.Draw(img)
+    for r, row in enumerate(rows):
+        y = PAD + r * LEGEND_ROW
+        for x, (k, name) in row:
+            top = y + (LINE - SWATCH) // 2
+            draw.rectangle([x, top, x + SWATCH - 1, top + SWATCH - 1], fill=tuple(int(v) for v in PALETTE[k]),
+                           outline=(128, 128, 128))
+            draw.text((x + SWATCH + PAD, y), name, fill="black", font=_FONT)
+    return img
+
+
+def _caption(text: str, width: int) -> Image.Image:
+    # Drawn on its own tile so a long title is clipped at its column, not spilled over.
+    tile = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
+    ImageDraw.Draw(tile).text((max((width - _text_width(text)) // 2, PAD), PAD), text, fill="black", font=_FONT)
+    return tile
+
+
+def strip(photo: np.ndarray | Image.Image, initial: np.ndarray, crf: np.ndarray | None,
+          gt: np.ndarray | None, uncertain: np.ndarray | None, names: Sequence[str],
+          uncertain_title: str = UNCERTAIN_TITLE) -> Image.Image:
+    """photo | initial labels | CRF labels | ground truth | uncertainty, each at the
+    photo's size, column titles under them and a legend of the classes present below.
+
+    ``crf``, ``gt`` and ``uncertain`` (a boolean (h, w) mask drawn white) may be None;
+    their columns are then left out.
+    """
+    rgb = np.asarray(photo.convert("RGB")) if isinstance(photo, Image.Image) else np.asarray(photo, np.uint8)
+    h, w = rgb.shape[:2]
+    labelled = [("initial", initial), ("CRF", crf), ("ground truth", gt)]
+    panels = [("photo", rgb)] + [(t, colorize(a)) for t, a in labelled if a is not None]
+    if uncertain is not None:
+        panels.append((uncertain_title, binary_map(uncertain)))
+    for title, a in panels:
+        if a.shape[:2] != (h, w):
+            raise ValueError(f"{title} is {a.shape[1]}x{a.shape[0]} but the photo is {w}x{h}")
+    present = np.unique(np.concatenate([np.unique(a) for _, a in labelled if a is not None]))
+    leg = legend(present.tolist(), names, width=w * len(panels))
+    out = Image.new("RGB", (w * len(panels), h + CAPTION_HEIGHT + leg.height), "white")
+    for i, (title, a) in enumerate(panels):
+        out.paste(Image.fromarray(a), (i * w, 0))
+        out.paste(_caption(title, w), (i * w, h))
+    out.paste(leg, (0, h + CAPTION_HEIGHT))
+    return out
+
+
+def overlay_with_legend(rgb: np.ndarray, labels: np.ndarray, names: Sequence[str],
+                        alpha: float = 0.5) -> Image.Image:
+    """``overlay`` with the legend of the classes present in its top-left corner; the
+    picture keeps the photo's size (a corner legend larger than the photo is clipped)."""
+    img = Image.fromarray(overlay(rgb, labels, alpha))
+    img.paste(legend(np.unique(labels).tolist(), names), (0, 0))
+    return img
+
+
+def _find_photo(images: Path, key: str) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        for name in (key + suffix, key + suffix.upper()):
+            if (images / name).is_file():
+                return images / name
+    raise InputError(f"{images}: no photo for id {key!r} ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def visualize_run(run_dir: str | os.PathLike, n: int = 16, out: str | os.PathLike | None = None,
+                  images: str | os.PathLike | None = None) -> Path:
+    """Strips for the first ``n`` ids (sorted) with a ``masks/<id>.png`` in a run folder of
+    ``text2mask generate``, written as ``<out>/<id>.png`` (default out: ``<run>/vis``)
+    with an ``index.html`` listing them; returns the path of ``index.html``.
+
+    Photos come from ``images`` or else run.json's ``dataset.image_dir``; ground truth
+    from ``dataset.gt_dir`` when present; class names from the run's fingerprint.
+
+    The uncertainty column differs from ``strip``'s default: a run does not store the
+    score maps, so the paper's top-2 gap cannot be recomputed. It shows instead the
+    pixels that are 255 in ``masks/<id>.png``, i.e. CRF confidence below the run's
+    threshold (0.95 by default), and its column title says so. Runs made with
+    ``--no-crf`` have neither CRF labels nor unsure pixels; both columns are left out.
+    """
+    run_dir = Path(run_dir)
+    try:
+        doc = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{run_dir}: no run.json; pass the --out folder of `text2mask generate`") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{run_dir / 'run.json'}: not valid JSON ({e})") from None
+    dataset, fingerprint = doc.get("dataset", {}), doc.get("fingerprint", {})
+    names = ["background"] + [c["name"] for c in fingerprint.get("class_set", {}).get("classes", [])]
+    confidence = fingerprint.get("method", {}).get("confidence", 0.95)
+    image_dir = images or dataset.get("image_dir")
+    if image_dir is None:
+        raise InputError(f"{run_dir / 'run.json'} does not record the image folder; pass --images DIR")
+    image_dir = Path(image_dir)
+    gt_dir = Path(dataset["gt_dir"]) if dataset.get("gt_dir") else None
+    ids = sorted(p.stem for p in (run_dir / "masks").glob("*.png"))[:n]
+    if not ids:
+        raise InputError(f"{run_dir / 'masks'}: no masks to show")
+
+    out = Path(out) if out is not None else run_dir / "vis"
+    for key in ids:
+        crf_path = run_dir / "crf" / f"{key}.png"
+        crf = read_index_png(crf_path) if crf_path.is_file() else None
+        unsure = read_index_png(run_dir / "masks" / f"{key}.png") == UNSURE if crf is not None else None
+        gt_path = gt_dir / f"{key}.png" if gt_dir else None
+        gt = read_index_png(gt_path) if gt_path and gt_path.is_file() else None
+        img = strip(read_image(_find_photo(image_dir, key)), read_index_png(run_dir / "initial" / f"{key}.png"),
+                    crf, gt, unsure, names, uncertain_title=f"unsure: CRF confidence < {confidence:g}")
+        write_png(out / f"{key}.png", img)
+
+    title = html.escape(f"text2mask run {run_dir.resolve().name}: first {len(ids)} images")
+    figures = "\n".join(
+        f'<figure><figcaption>{html.escape(k)}</figcaption><img src="{quote(k)}.png" alt="{html.escape(k)}"></figure>'
+        for k in ids)
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n"
+            "<style>img{max-width:100%}figure{margin:0 0 1.5em}</style></head>\n"
+            f"<body><h1>{title}</h1>\n<p>Columns: photo | initial | CRF | ground truth (if any) | "
+            f"unsure (CRF confidence &lt; {confidence:g}, white).</p>\n{figures}\n</body></html>\n")
+    write_text(out / "index.html", page)
+    return out / "index.html"
+
+
+def iou_bar_chart(result: dict, path: str | os.PathLike) -> Path:
+    """Horizontal per-class IoU bars (a result of ``evaluate_dirs``) as a PNG, in the
+    classes' palette colours; classes absent from the ground truth are left out.
+    Size: (CHART_WIDTH, CHART_TOP + BAR_ROW * classes + PAD)."""
+    rows = [c for c in result["per_class"] if c["iou"] is not None]
+    miou = result.get("miou")
+    title = f"mIoU {'-' if miou is None else f'{100 * miou:.1f}'}% over {len(rows)} classes"
+    name_w = max([_text_width(c["name"]) for c in rows] + [0]) + 2 * PAD
+    value_w = _text_width("100.0") + 2 * PAD
+    bar_w = max(CHART_WIDTH - name_w - value_w - PAD, 1)
+    img = Image.new("RGB", (CHART_WIDTH, CHART_TOP + BAR_ROW * len(rows) + PAD), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((PAD, PAD), title, fill="black", font=_FONT)
+    for i, c in enumerate(rows):
+        y = CHART_TOP + i * BAR_ROW
+        draw.text((name_w - PAD - _text_width(c["name"]), y), c["name"], fill="black", font=_FONT)
+        draw.rectangle([name_w, y, name_w + bar_w, y + LINE - 1], fill=(240, 240, 240))  # the 100% extent
+        end = name_w + round(c["iou"] * bar_w)
+        if end > name_w:
+            draw.rectangle([name_w, y, end - 1, y + LINE - 1], fill=tuple(int(v) for v in PALETTE[c["index"]]),
+                           outline=(96, 96, 96))
+        draw.text((name_w + bar_w + PAD, y), f"{100 * c['iou']:.1f}", fill="black", font=_FONT)
+    path = Path(path)
+    write_png(path, img)
+    return path
