@@ -24,3 +24,38 @@ def sd(tiny_model_dir):
     from text2mask.modeling.sd import load
 
     return load(str(tiny_model_dir), device="cpu", dtype="fp32")
+
+
+# --- shared by tests/test_robustness.py and tests/test_resume.py -----------------------
+
+@pytest.fixture(scope="module")
+def voc_predictor(tiny_model_dir):
+    """One loaded tiny-model predictor (VOC classes, default MaskConfig) per test module."""
+    from text2mask.predictor import MaskConfig, Text2Mask
+
+    return Text2Mask.from_pretrained(str(tiny_model_dir), "voc", MaskConfig(), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def make_voc_tree():
+    """Factory: make_voc_tree(root, ids, splits=None) builds a VOC2012-layout folder at
+    ``root`` (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt) with the
+    real photos and ground truth of ``ids`` from samples/voc-mini. ``splits`` maps a split
+    name to the id lines of its file (default: {"train": ids})."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"
+
+    def build(root, ids, splits=None):
+        root = Path(root)
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            (root / "JPEGImages" / f"{i}.jpg").write_bytes((samples / "JPEGImages" / f"{i}.jpg").read_bytes())
+            (root / "SegmentationClass" / f"{i}.png").write_bytes(
+                (samples / "SegmentationClass" / f"{i}.png").read_bytes())
+        for name, lines in (splits or {"train": list(ids)}).items():
+            (root / "ImageSets/Segmentation" / f"{name}.txt").write_text("".join(f"{x}\n" for x in lines))
+        return root
+
+    return build

@@ -132,6 +132,7 @@ def generate(
 ) -> None:
     """Pseudo masks for a dataset: masks/ (255 = unsure), initial/, crf/, run.json, metrics.json."""
     from .data.base import DatasetError
+    from .distributed import Distributed
     from .io import InputError
     from .modeling.sd import ModelLoadError
     from .runner import ConfigMismatch, RunOptions, default_workers, generate as run
@@ -157,12 +158,18 @@ def generate(
                           workers=default_workers() if workers is None else workers,
                           limit=limit, overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress,
                           max_pixels=max_pixels or None)
-        _log(f"loading {model} ...")
+        dist = Distributed.from_env()  # accelerate launch / torchrun: one process per device
+        if dist.world > 1 and device == "auto":
+            device = dist.device()
+        if dist.main:
+            _log(f"loading {model} ...")
         predictor = Text2Mask.from_pretrained(model, ds.class_set, cfg, device=device, dtype=dtype, revision=revision)
-        summary = run(predictor, ds, opts, log=_log)
+        summary = run(predictor, ds, opts, log=_log, dist=dist)
     except (DatasetError, InputError, ModelLoadError, ConfigMismatch, ValueError) as e:
         _err(str(e))
         raise typer.Exit(EXIT_CONFIG)
+    if not dist.main:
+        raise typer.Exit(EXIT_FAILED_IMAGES if summary.failed else 0)
     _log(f"done: {summary.done} written ({summary.no_labels} without labels, all background), "
          f"{summary.skipped} already complete, {summary.failed} failed; {summary.seconds:.1f} s")
     if summary.failed:

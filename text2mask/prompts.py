@@ -60,6 +60,21 @@ class ClassSet:
         raise KeyError(name)
 
 
+def _words(value, what: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise ValueError(f"{what} must be a list of words, got {value!r}")
+    return tuple(w.strip() for w in value)
+
+
+def check_class_text(text: str) -> str:
+    """A class text must begin and end with a letter or digit: CLIP's tokenizer glues a
+    run of punctuation to the following comma, which would blur the class's token span."""
+    t = text.strip()
+    if not t or not (t[0].isalnum() and t[-1].isalnum()):
+        raise ValueError(f"class text {text!r} must begin and end with a letter or digit")
+    return t
+
+
 def _norm(name: str) -> str:
     return name.lower().replace(" ", "").replace("_", "").replace("-", "")
 
@@ -76,12 +91,12 @@ def load_class_set(name_or_path: str | Path) -> ClassSet:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a valid JSON prompts file ({e})") from None
     try:
-        default_bg = tuple(doc.get("default_background", ()))
+        default_bg = _words(doc.get("default_background", ()), "default_background")
         classes = tuple(
             ClassSpec(
                 name=str(c["name"]),
-                prompt=str(c.get("prompt", c["name"])),
-                background=tuple(c.get("background", default_bg)),
+                prompt=check_class_text(str(c.get("prompt", c["name"]))),
+                background=_words(c["background"], f"background of {c['name']!r}") if "background" in c else default_bg,
             )
             for c in doc["classes"]
         )
@@ -142,6 +157,7 @@ def compose(tokenizer, texts: Sequence[str], classes: Sequence[int], background:
     Each piece is tokenized alone; CLIP's pre-tokenizer splits at spaces and punctuation,
     so the pieces' tokens concatenate to the prompt's tokens. That is checked, not assumed.
     """
+    texts = [check_class_text(t) for t in texts]
     pieces: list[tuple[str, int | None]] = [(PREFIX, None)]
     for i, t in enumerate(texts):
         pieces.append((t, i))

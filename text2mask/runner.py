@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from . import __version__
 from .data.base import Dataset, Sample
+from .distributed import Distributed
 from .evaluate import evaluate_dirs, format_table
-from .io import InputError, read_image, write_json
+from .io import InputError, read_image, write_json, write_text
 from .predictor import Text2Mask
 from .preprocess import geometry, shrink
 from .result import Attention, background_only
@@ -126,20 +127,24 @@ def _check_output(out: Path, fp: dict, overwrite: bool) -> None:
 
 
 class _Failures:
-    """failures.jsonl: one JSON line per failed image (id, stage, error)."""
+    """failures file: one JSON line per failed image (id, stage, error), appended as they
+    happen (single short appends, so several processes can share the file)."""
 
-    def __init__(self, path: Path, keep_ids: set[str]):
+    def __init__(self, path: Path):
         self.path = path
+        self.records: list[dict] = []
+
+    def reset(self, keep_ids: set[str]) -> None:
+        """Start this run's record, keeping earlier failures of images it does not touch."""
         kept = []
-        if path.is_file():  # keep earlier failures of images this run does not touch
-            for line in path.read_text().splitlines():
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
                 try:
                     if json.loads(line)["id"] in keep_ids:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass
-        self.records: list[dict] = []
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def add(self, key: str, stage: str, error: BaseException | str) -> dict:
         msg = error if isinstance(error, str) else (str(error) or type(error).__name__)
@@ -184,33 +189,51 @@ def _common_parent(paths: list[Path]) -> str | None:
     return parents.pop() if len(parents) == 1 else None
 
 
-def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print) -> RunSummary:
+def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print,
+             dist: Distributed | None = None) -> RunSummary:
+    """Pseudo masks for ``dataset`` into ``opts.out``. Under a multi-process launcher each
+    process takes its share of the images; the main one writes run.json and metrics.json."""
     started = time.time()
+    dist = dist or Distributed.from_env()
     out = Path(opts.out)
     fp = fingerprint(predictor, dataset)
     _check_output(out, fp, opts.overwrite)
+    shard = opts.shard
+    if dist.world > 1:
+        if shard is not None:
+            raise ValueError("--shard and a multi-process launch cannot be combined")
+        shard = (dist.rank, dist.world)
+    if not dist.main:
+        log = lambda msg: None  # noqa: E731 - one voice per run
     if predictor.sd.info.get("random_weights"):
         log("WARNING: the model has random weights (test model): these masks and metrics are MEANINGLESS")
     for note in dataset.notes:
         log(f"note: {note}")
     log(f"labels from {dataset.label_source}")
 
-    samples = select(dataset, opts.limit, opts.shard)
-    todo = [s for s in samples if opts.overwrite or not is_complete(out, s.id)]
-    summary = RunSummary(total=len(samples), skipped=len(samples) - len(todo))
-    todo_ids = {s.id for s in todo}
-    failures = _Failures(out / "failures.jsonl", {s.id for s in dataset.samples} - todo_ids)
-    for f in FOLDERS:
-        (out / f).mkdir(exist_ok=True)
-    _manifest(out, fp, predictor, dataset, opts, None, started)
-    if summary.skipped:
-        log(f"resuming: {summary.skipped} of {len(samples)} images already complete")
+    selected = select(dataset, opts.limit, opts.shard)   # this job's images (all ranks)
+    pending_ids = {s.id for s in selected if opts.overwrite or not is_complete(out, s.id)}
+    mine = selected if dist.world == 1 else [s for s in selected if shard_of(s.id, dist.world) == dist.rank]
+    todo = [s for s in mine if s.id in pending_ids]
+    summary = RunSummary(total=len(mine), skipped=len(mine) - len(todo))
+    failures = _Failures(out / ("failures.jsonl" if opts.shard is None
+                                else f"failures-shard{opts.shard[0]}of{opts.shard[1]}.jsonl"))
+    dist.barrier()  # every process has checked the folder before the main one writes to it
+    if dist.main:
+        failures.reset({s.id for s in dataset.samples} - pending_ids)
+        for f in FOLDERS:
+            (out / f).mkdir(exist_ok=True)
+        _manifest(out, fp, predictor, dataset, opts, None, started)
+        if len(pending_ids) < len(selected):
+            log(f"resuming: {len(selected) - len(pending_ids)} of {len(selected)} images already complete")
+    dist.barrier()
 
     pool = (ProcessPoolExecutor(opts.workers, mp_context=get_context("spawn"))
             if opts.workers > 0 else None)
     pending: dict[Future, str] = {}
     max_pending = 2 * max(opts.workers, 1)
-    bar = tqdm(total=len(todo), unit="img", disable=not opts.progress, dynamic_ncols=True)
+    bar = _Progress(len(pending_ids), out, pending_ids if dist.world > 1 else None,
+                    disable=not opts.progress or not dist.main)
     cfg = predictor.config
 
     def collect(block: bool) -> None:
@@ -307,16 +330,57 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    summary.failed = len(summary.failures)
     summary.seconds = time.time() - started
-    if opts.evaluate and dataset.gt_dir is not None:
-        summary.metrics = evaluate_run(out, dataset, samples, log)
+    summary = _combine(dist.gather(summary), summary)
+    dist.barrier()
+    if not dist.main:
+        return summary
+    if opts.evaluate and dataset.gt_dir is not None and opts.shard is None:
+        summary.metrics = evaluate_run(out, dataset, selected, log)
         for folder, m in (summary.metrics or {}).items():
             if isinstance(m, dict) and "error" in m:
                 summary.failures.append(failures.add(f"({folder}/ evaluation)", "evaluate", m["error"]))
-        summary.failed = len(summary.failures)
+    elif opts.shard is not None:
+        log("shard done; once every shard has finished, `text2mask evaluate` scores the whole folder")
+    summary.failed = len(summary.failures)
     _manifest(out, fp, predictor, dataset, opts, summary, started)
     return summary
+
+
+def _combine(parts: list[RunSummary], own: RunSummary) -> RunSummary:
+    """The whole run's counts from every process's summary (wall time: the slowest)."""
+    if len(parts) == 1:
+        return own
+    total = RunSummary()
+    for p in parts:
+        for k in ("total", "done", "skipped", "no_labels", "model_seconds", "queue_wait_seconds"):
+            setattr(total, k, getattr(total, k) + getattr(p, k))
+        total.failures.extend(p.failures)
+        total.seconds = max(total.seconds, p.seconds)
+    total.failed = len(total.failures)
+    return total
+
+
+class _Progress:
+    """tqdm with images/s; under several processes the main one shows the global count,
+    read from the finished masks every few seconds."""
+
+    def __init__(self, total: int, out: Path, ids: set[str] | None, disable: bool):
+        self.bar = tqdm(total=total, unit="img", disable=disable, dynamic_ncols=True)
+        self.out, self.ids, self.last = out, ids, 0.0
+
+    def update(self, n: int) -> None:
+        if self.ids is None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last > 2.0:
+            self.last = now
+            done = sum(1 for name in os.listdir(self.out / "masks") if name[:-4] in self.ids)
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def evaluate_run(out: Path, dataset: Dataset, samples: list[Sample], log=print) -> dict | None:
