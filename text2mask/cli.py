@@ -1,9 +1,7 @@
 """``text2mask`` command line: a thin shell over the Python API and the runner."""
 from __future__ import annotations
 
-import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -275,14 +273,14 @@ def show_prompts(
 def _phrase_class_set(labels: str):
     """An in-memory class set whose k-th class is the k-th comma-separated phrase, with
     VOC's default background words and VOC's box threshold and background (tau, p)."""
-    from .prompts import PROMPTS_DIR, ClassSet, ClassSpec
+    from .prompts import ClassSet, ClassSpec, load_class_set
 
     phrases = [p.strip() for p in labels.split(",") if p.strip()]
     if not phrases:
         raise ValueError("--labels needs at least one phrase, e.g. --labels 'dog,frisbee'")
     if len({p.lower() for p in phrases}) != len(phrases):
         raise ValueError(f"--labels repeats a phrase: {', '.join(phrases)}")
-    background = tuple(json.loads((PROMPTS_DIR / "voc.json").read_text(encoding="utf-8"))["default_background"])
+    background = load_class_set("voc").default_background
     return ClassSet(name="open-vocabulary", classes=tuple(ClassSpec(p, p, background) for p in phrases),
                     box_threshold=0.2, background_tau=1.0, background_power=2.0)
 

@@ -9,7 +9,7 @@ same matrix yields the strict mIoU, the coverage and the mIoU on confident pixel
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -155,12 +155,18 @@ def _pct(x: float | None) -> str:
 
 
 def format_table(result: dict, title: str) -> str:
-    """Per-class IoU table in percent ('-' for classes absent from GT), then the summary."""
-    width = max([len("class")] + [len(c["name"]) for c in result["per_class"]])
+    """Per-class IoU table in percent ('-' for classes absent from GT), then the summary.
+    Past 21 classes (COCO's 81) the absent ones are counted, not listed."""
+    rows = result["per_class"]
+    hidden = 0
+    if len(rows) > 21:
+        hidden = sum(c["iou"] is None for c in rows)
+        rows = [c for c in rows if c["iou"] is not None]
+    width = max([len("class")] + [len(c["name"]) for c in rows])
     lines = [title, f"{'idx':>3}  {'class':<{width}}  {'IoU %':>6}"]
-    lines += [
-        f"{c['index']:>3}  {c['name']:<{width}}  {_pct(c['iou']):>6}" for c in result["per_class"]
-    ]
+    lines += [f"{c['index']:>3}  {c['name']:<{width}}  {_pct(c['iou']):>6}" for c in rows]
+    if hidden:
+        lines.append(f"({hidden} classes absent from the ground truth not listed)")
     lines.append(f"mIoU: {_pct(result['miou'])}% over {result['classes_in_mean']} classes")
     lines.append(f"pixel accuracy: {_pct(result['pixel_accuracy'])}%")
     if "images" in result:

@@ -36,6 +36,7 @@ class ClassSet:
     background_tau: float
     background_power: float
     source: str = ""
+    default_background: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +108,7 @@ def load_class_set(name_or_path: str | Path) -> ClassSet:
             background_tau=float(doc.get("background_tau", 1.0)),
             background_power=float(doc.get("background_power", 2.0)),
             source=str(path),
+            default_background=default_bg,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: malformed prompts file ({type(e).__name__}: {e}); "
