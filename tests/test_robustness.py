@@ -165,7 +165,7 @@ def test_cli_exits_1_and_prints_summary_when_images_fail(bad_run):
     res, root, out = bad_run
     assert res.exit_code == 1, res.output
     n_bad = len(BAD_IMAGES) + 1
-    assert f"done: 1 written" in res.output and f"{n_bad} failed" in res.output, res.output
+    assert "done: 1 written" in res.output and f"{n_bad} failed" in res.output, res.output
     assert f"{n_bad} image(s) failed; see {out / 'failures.jsonl'}" in res.output
     assert set(failures(out)) == {*BAD_IMAGES, BAD_GT}
     # The image that worked was still evaluated against its ground truth.
@@ -394,6 +394,8 @@ def config_case(tmp_path, tiny_model_dir, make_voc_tree):
     out_file.write_text("not a folder\n")
     garbage = tmp_path / "labels-garbage.json"
     garbage.write_bytes(b"\xff\xfe\x00\x89PNG\r\n\x1a\n\x00\x00garbage")
+    locked = tmp_path / "labels-locked.json"       # made unreadable in the test (we may be root)
+    locked.write_text(json.dumps({f"{GOOD}.jpg": ["aeroplane"]}))
     unknown = tmp_path / "labels-unknown.json"
     unknown.write_text(json.dumps({f"{GOOD}.jpg": ["aeroplane", "unicorn"]}))
     voc = ["--dataset", "voc", "--data-root", root, "--split", "train"]
@@ -407,6 +409,8 @@ def config_case(tmp_path, tiny_model_dir, make_voc_tree):
         "no_data_root_given": ([*model, *out], ["--data-root", "required"]),
         "unknown_split": ([*voc[:4], "--split", "bogus", *model, *out], ["'bogus'", "unknown VOC split"]),
         "unreadable_labels_file": ([*fold, "--labels", garbage, *model, *out], [str(garbage), "not valid JSON"]),
+        "labels_permission_denied": ([*fold, "--labels", locked, *model, *out], [str(locked), "Permission denied"]),
+        "prompts_is_a_directory": ([*voc, "--prompts", folder, *model, *out], [str(folder)]),
         "missing_labels_file": ([*fold, "--labels", tmp_path / "nope.json", *model, *out],
                                 [str(tmp_path / "nope.json"), "not found"]),
         "unknown_class_name": ([*fold, "--labels", unknown, *model, *out], [str(unknown), "unknown class name 'unicorn'"]),
@@ -417,12 +421,32 @@ def config_case(tmp_path, tiny_model_dir, make_voc_tree):
 
 
 CONFIG_CASES = ["missing_data_root", "no_data_root_given", "unknown_split", "unreadable_labels_file",
-                "missing_labels_file", "unknown_class_name", "model_path_missing", "out_is_a_file"]
+                "labels_permission_denied", "prompts_is_a_directory", "missing_labels_file", "unknown_class_name", "model_path_missing",
+                "out_is_a_file"]
+
+
+def deny_reading(monkeypatch, path: Path) -> None:
+    """What a labels file without read permission does for a normal user (chmod 000 does
+    not stop root): opening it raises PermissionError."""
+    real_read_text, real_read_bytes, real_open = Path.read_text, Path.read_bytes, Path.open
+
+    def refuse(real):
+        def wrapped(self, *args, **kwargs):
+            if Path(self) == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(Path, "read_text", refuse(real_read_text))
+    monkeypatch.setattr(Path, "read_bytes", refuse(real_read_bytes))
+    monkeypatch.setattr(Path, "open", refuse(real_open))
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES)
-def test_config_error_exits_2_with_one_clear_message(case, config_case, model_loads, tmp_path):
+def test_config_error_exits_2_with_one_clear_message(case, config_case, model_loads, tmp_path, monkeypatch):
     args, texts = config_case[case]
+    if case == "labels_permission_denied":
+        deny_reading(monkeypatch, tmp_path / "labels-locked.json")
     res = invoke("generate", *args, "--workers", "0", "--no-progress")
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]

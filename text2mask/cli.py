@@ -133,7 +133,7 @@ def generate(
     from .distributed import Distributed
     from .io import InputError
     from .modeling.sd import ModelLoadError
-    from .runner import ConfigMismatch, RunOptions, default_workers, generate as run
+    from .runner import ConfigMismatch, RunOptions, check_writable, default_workers, generate as run
 
     try:
         shard_t = _parse_shard(shard)
@@ -156,6 +156,7 @@ def generate(
                           workers=default_workers() if workers is None else workers,
                           limit=limit, overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress,
                           max_pixels=max_pixels or None)
+        check_writable(out)
         dist = Distributed.from_env()  # accelerate launch / torchrun: one process per device
         if dist.world > 1 and device == "auto":
             device = dist.device()

@@ -91,6 +91,8 @@ def load_class_set(name_or_path: str | Path) -> ClassSet:
         raise ValueError(f"{path}: class/prompt file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a valid JSON prompts file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read class/prompt file ({e.strerror or e})") from None
     try:
         default_bg = _words(doc.get("default_background", ()), "default_background")
         classes = tuple(

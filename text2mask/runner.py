@@ -104,7 +104,8 @@ def fingerprint(predictor: Text2Mask, dataset: Dataset) -> dict:
     }
 
 
-def _check_output(out: Path, fp: dict, overwrite: bool) -> None:
+def check_writable(out: Path) -> None:
+    """Fail before any model work when the output folder cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -112,6 +113,22 @@ def _check_output(out: Path, fp: dict, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise InputError(f"{out}: output folder is not writable ({e.strerror or e})") from None
+
+
+def _remove_stale_temp_files(out: Path, older_than: float = 600.0) -> None:
+    """Temp files a killed run left mid-write; young ones may belong to a shard still running."""
+    now = time.time()
+    for folder in FOLDERS:
+        for tmp in (out / folder).glob(".*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > older_than:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _check_output(out: Path, fp: dict, overwrite: bool) -> None:
+    check_writable(out)
     manifest = out / "run.json"
     if overwrite or not manifest.is_file():
         return
@@ -223,6 +240,7 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
         failures.reset({s.id for s in dataset.samples} - pending_ids)
         for f in FOLDERS:
             (out / f).mkdir(exist_ok=True)
+        _remove_stale_temp_files(out)
         _manifest(out, fp, predictor, dataset, opts, None, started)
         if len(pending_ids) < len(selected):
             log(f"resuming: {len(selected) - len(pending_ids)} of {len(selected)} images already complete")

@@ -104,6 +104,8 @@ def read_labels_file(path: Path, class_set: ClassSet) -> dict[str, tuple[int, ..
         table = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read labels file ({e.strerror or e})") from None
     if not isinstance(table, dict):
         raise DatasetError(f"{path}: expected a JSON object {{image id: [class names]}}")
     for key, labels in table.items():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,11 @@ import torch
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+_HOW_TO = ("Pass --model with a local diffusers folder (with vae/, unet/, text_encoder/, tokenizer/, scheduler/), "
+           "e.g. one saved by StableDiffusionPipeline.save_pretrained or downloaded on a connected machine with "
+           "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`.")
 
 
 class ModelLoadError(RuntimeError):
@@ -75,6 +82,25 @@ def _resolved_revision(module) -> str | None:
     return None
 
 
+def _hub_kwargs(model: str, revision: str | None) -> dict:
+    """Cached models load without touching the network; an uncached one with the hub out of
+    reach fails at once instead of after minutes of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "unet/config.json", revision=revision), str):
+        return {"revision": revision, "local_files_only": True}
+    if constants.HF_HUB_OFFLINE:
+        return {"revision": revision, "local_files_only": True}
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load the Stable Diffusion v1 model {model!r}: it is not in the local Hugging Face cache "
+            f"and {host} is out of reach ({e.strerror or e}).\n{_HOW_TO}") from None
+    return {"revision": revision}
+
+
 def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          revision: str | None = None) -> StableDiffusion:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -92,7 +118,7 @@ def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | Non
         raise ModelLoadError(f"--model {model!r}: no such local folder, and not a Hugging Face id like "
                              f"{DEFAULT_MODEL!r}")
     src = str(local) if is_local else model
-    kw = {} if is_local else {"revision": revision}
+    kw = {} if is_local else _hub_kwargs(model, revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dt, **kw)
@@ -102,12 +128,8 @@ def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | Non
     except Exception as e:
         where = f"local folder {src}" if is_local else f"Hugging Face model {src!r}"
         raise ModelLoadError(
-            f"cannot load the Stable Diffusion v1 model from {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-            "Pass --model with a local diffusers folder (with vae/, unet/, text_encoder/, tokenizer/, scheduler/), "
-            "e.g. one saved by StableDiffusionPipeline.save_pretrained or downloaded with "
-            "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`; "
-            "offline, set HF_HUB_OFFLINE=1 to use an already-cached model."
-        ) from e
+            f"cannot load the Stable Diffusion v1 model from {where}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}\n{_HOW_TO}") from e
     for m in (vae, unet, text_encoder):
         m.to(dev).eval().requires_grad_(False)
     cfg = scheduler.config
