@@ -116,7 +116,7 @@ def read_labels_file(path: Path, class_set: ClassSet) -> dict[str, tuple[int, ..
 def class_indices(labels, class_set: ClassSet, where: str) -> tuple[int, ...]:
     """Class names or indices -> sorted indices; an unknown one is an error naming it."""
     if isinstance(labels, str):
-        labels = [s for s in labels.replace(";", ",").split(",") if s.strip()]
+        labels = [s.strip() for s in labels.replace(";", ",").split(",") if s.strip()]
     out = set()
     for lab in labels:
         if isinstance(lab, (int, np.integer)) or (isinstance(lab, str) and lab.strip().isdigit()):
