@@ -215,11 +215,8 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
     out = Path(opts.out)
     fp = fingerprint(predictor, dataset)
     _check_output(out, fp, opts.overwrite)
-    shard = opts.shard
-    if dist.world > 1:
-        if shard is not None:
-            raise ValueError("--shard and a multi-process launch cannot be combined")
-        shard = (dist.rank, dist.world)
+    if dist.world > 1 and opts.shard is not None:
+        raise ValueError("--shard and a multi-process launch cannot be combined")
     if not dist.main:
         log = lambda msg: None  # noqa: E731 - one voice per run
     if predictor.sd.info.get("random_weights"):
@@ -257,9 +254,7 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
     def collect(block: bool) -> None:
         if not pending:
             return
-        t0 = time.perf_counter()
         ready, _ = wait(list(pending), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        summary.queue_wait_seconds += time.perf_counter() - t0 if block else 0.0
         for fut in ready:
             key = pending.pop(fut)
             try:
@@ -281,8 +276,10 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
                 summary.failures.append(failures.add(att.key, "crf/write", e))
             bar.update(1)
             return
-        while len(pending) >= max_pending:
+        t0 = time.perf_counter()
+        while len(pending) >= max_pending:  # the model side stalls only here: queue full
             collect(block=True)
+        summary.queue_wait_seconds += time.perf_counter() - t0
         pending[pool.submit(finish, att, rgb, cfg, out)] = att.key
         collect(block=False)
 
@@ -294,20 +291,16 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
         t0 = time.perf_counter()
         try:
             results = predictor.attend(batch)
-        except Exception:  # noqa: BLE001 - retry one by one to find the culprit
-            results = None
-        if results is None and len(batch) > 1:
-            for item in batch:
-                run_model([item])
-            return
-        summary.model_seconds += time.perf_counter() - t0
-        if results is None:
-            try:
-                predictor.attend(batch)
-            except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
+            if len(batch) == 1:
                 fail(batch[0][0], "model", e)
+            else:  # retry one by one, so that only the culprit fails
+                for item in batch:
+                    run_model([item])
             return
-        for (key, rgb, _), att in zip(batch, results):
+        finally:
+            summary.model_seconds += time.perf_counter() - t0
+        for (_, rgb, _), att in zip(batch, results):
             submit(att, rgb)
 
     buckets: dict[tuple[int, int], list] = {}
