@@ -100,7 +100,7 @@ def generate(
     data_root: Optional[Path] = typer.Option(None, help="VOC2012 folder (voc) or COCO root (coco)."),
     split: str = typer.Option("train", help="voc: train|train_aug|trainval|val (trainaug accepted); coco: train|val."),
     labels_from: LabelSource = typer.Option(LabelSource.auto, help="voc image-level labels: GT masks, XML, or --labels file; auto = masks if present else XML."),
-    labels: Optional[Path] = typer.Option(None, help="Labels file: JSON {id: [names]}, cls_labels.npy, or CSV (folder)."),
+    labels: Optional[Path] = typer.Option(None, help="Labels file: JSON {id: list of class names}, cls_labels.npy, or CSV (folder)."),
     images: Optional[Path] = typer.Option(None, help="Image folder (--dataset folder)."),
     images_dir: Optional[Path] = typer.Option(None, help="coco: override <root>/<split>2014/."),
     annotations: Optional[Path] = typer.Option(None, help="coco: override <root>/annotations/instances_<split>2014.json."),
