@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -348,8 +349,8 @@ class Bench:
         self.save()
         return rec
 
-    def floor_mean(self, size: str) -> float | None:
-        return mean([r["seconds"] for r in self.doc["floor"].get(size, [])])
+    def floor_mean(self, size: str, field: str = "seconds") -> float | None:
+        return mean([r[field] for r in self.doc["floor"].get(size, [])])
 
     # -- attend directly ---------------------------------------------------------------
     def attend(self, key: str, predictor=None, label: str = "attend") -> dict:
@@ -521,22 +522,28 @@ class Bench:
         if r:
             by_size: dict = {}
             for call in r["attend_calls"]:
-                by_size.setdefault(call["size"], []).append(call["seconds"])
-            for size, s in sorted(by_size.items()):
-                f = self.floor_mean(size)
+                by_size.setdefault(call["size"], []).append(call)
+            for size, calls in sorted(by_size.items()):
+                s = [c["seconds"] for c in calls]
+                f, fc = self.floor_mean(size), self.floor_mean(size, "cpu_seconds")
                 ratio = f and mean(s) / f
+                cpu = f" cpu-ratio {mean([c['cpu_seconds'] for c in calls]) / fc:.3f}" if fc else ""
                 add(f"model part: attend/image {size}", mean(s), ratio, "<= 1.10",
-                    None if ratio is None else ratio <= 1.10, f"n={len(s)}")
+                    None if ratio is None else ratio <= 1.10, f"n={len(s)} min {min(s):.1f}{cpu}")
             ratio = r["floor_sum_seconds"] and r["wall_seconds"] / r["floor_sum_seconds"]
+            fcs = [self.floor_mean(self.size_of[k], "cpu_seconds") for k in r["keys"]]
+            cpu = (f"; cpu-ratio {r['cpu_seconds'] / sum(fcs):.3f} (this process)"
+                   if all(x is not None for x in fcs) else "")
             add(f"runner wall/image, 1 sample, CRF, W=1 ({r['images']} img)", r["per_image_seconds"],
                 ratio, "<= 1.10", None if ratio is None else ratio <= 1.10,
-                "vs mean floor of each image's size")
+                "vs mean floor of each image's size" + cpu)
             add("model-side wait for CRF queue / wall", r["queue_wait_seconds"],
                 r["queue_wait_fraction"], "< 0.05", r["queue_wait_fraction"] < 0.05, "ratio = fraction")
         t = d.get("ten")
         if t:
             add("attend, 10 samples (768x576)", t["attend"]["seconds"], t["ratio"], "<= 1.05",
-                t["ratio"] <= 1.05, f"floor10 = VAE {t['floor']['vae_seconds']:.1f} + "
+                t["ratio"] <= 1.05, f"cpu-ratio {t['attend']['cpu_seconds'] / t['floor']['cpu_seconds']:.3f}; "
+                f"floor10 = VAE {t['floor']['vae_seconds']:.1f} + "
                 f"UNet(10 rows) {t['floor']['unet_seconds']:.1f} = {t['floor']['seconds']:.1f} s")
         m = d.get("memory")
         if m:
@@ -637,6 +644,7 @@ def main(argv=None) -> int:
             b.report()
         finally:
             b.save()
+            shutil.rmtree(b.work, ignore_errors=True)
             log(f"\nJSON: {b.json_path}   total {b.doc['total_seconds'] / 60:.1f} min")
     return 0 if b.doc.get("all_pass") in (True, None) else 1
 
