@@ -29,7 +29,6 @@ def image_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-
 class Text2Mask:
     def __init__(self, sd: StableDiffusion, class_set: ClassSet | str = "voc", config: MaskConfig | None = None):
         self.sd = sd
@@ -44,19 +43,6 @@ class Text2Mask:
         return cls(load(model, device=device, dtype=dtype, revision=revision), class_set, config)
 
     # -- prompts ---------------------------------------------------------------------
-    def class_indices(self, labels: Sequence[int | str]) -> tuple[int, ...]:
-        out = []
-        for lab in labels:
-            if isinstance(lab, str) and not lab.strip().isdigit():
-                try:
-                    out.append(self.class_set.index_of(lab))
-                except KeyError:
-                    raise ValueError(f"unknown class name {lab!r} for class set '{self.class_set.name}'") from None
-            else:
-                self.class_set.spec(int(lab))
-                out.append(int(lab))
-        return tuple(sorted(set(out)))
-
     def plan(self, classes: Sequence[int]) -> PromptPlan:
         return plan_prompts(self.sd.tokenizer, self.class_set, classes)
 
@@ -127,7 +113,7 @@ class Text2Mask:
         else:
             rgb = np.ascontiguousarray(image, dtype=np.uint8)
         key = key or "image"
-        classes = self.class_indices(labels)
+        classes = self.class_set.indices(labels)
         if not classes:
             att = background_only(key, *rgb.shape[:2])
         else:

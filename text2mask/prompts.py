@@ -52,6 +52,28 @@ class ClassSet:
             raise ValueError(f"class index {index} outside 1..{len(self.classes)} of class set '{self.name}'")
         return self.classes[index - 1]
 
+    def indices(self, labels, where: str = "labels") -> tuple[int, ...]:
+        """Class names or indices (a list, or one comma/semicolon separated string) ->
+        sorted unique indices; an unknown one is a ValueError naming ``where`` and it."""
+        if isinstance(labels, str):
+            labels = [s for s in labels.replace(";", ",").split(",")]
+        out = set()
+        for lab in labels:
+            text = str(lab).strip()
+            if not text:
+                continue
+            if text.isdigit():
+                k = int(text)
+                if not 1 <= k <= len(self.classes):
+                    raise ValueError(f"{where}: class index {k} outside 1..{len(self.classes)}")
+            else:
+                try:
+                    k = self.index_of(text)
+                except KeyError:
+                    raise ValueError(f"{where}: unknown class name {text!r} (class set '{self.name}')") from None
+            out.add(k)
+        return tuple(sorted(out))
+
     def index_of(self, name: str) -> int:
         """Class index of a class name (case-insensitive, spaces/underscores ignored)."""
         key = _norm(name)

@@ -114,22 +114,11 @@ def read_labels_file(path: Path, class_set: ClassSet) -> dict[str, tuple[int, ..
 
 
 def class_indices(labels, class_set: ClassSet, where: str) -> tuple[int, ...]:
-    """Class names or indices -> sorted indices; an unknown one is an error naming it."""
-    if isinstance(labels, str):
-        labels = [s.strip() for s in labels.replace(";", ",").split(",") if s.strip()]
-    out = set()
-    for lab in labels:
-        if isinstance(lab, (int, np.integer)) or (isinstance(lab, str) and lab.strip().isdigit()):
-            k = int(lab)
-            if not 1 <= k <= len(class_set.classes):
-                raise DatasetError(f"{where}: class index {k} outside 1..{len(class_set.classes)}")
-        else:
-            try:
-                k = class_set.index_of(str(lab).strip())
-            except KeyError:
-                raise DatasetError(f"{where}: unknown class name {lab!r} (class set '{class_set.name}')") from None
-        out.add(k)
-    return tuple(sorted(out))
+    """``ClassSet.indices`` as a configuration error of the dataset."""
+    try:
+        return class_set.indices(labels, where)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
 
 
 def load_voc(root: str | Path, split: str = "train", labels_from: str = "auto",
