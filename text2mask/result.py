@@ -60,11 +60,21 @@ class MaskResult(Attention):
 
     @property
     def uncertain(self) -> np.ndarray:
-        """Pixels whose top two scores differ by < 0.05 (the paper's Fig. 4 view)."""
-        if self.scores.shape[0] < 2:
-            return np.zeros(self.labels.shape, dtype=bool)
-        top2 = np.sort(self.scores, axis=0)[-2:]
-        return (top2[1] - top2[0]) < 0.05
+        """The paper's Fig. 4 view of this image."""
+        return uncertain_pixels(self.scores)
+
+
+UNCERTAIN_GAP = 0.05  # ALGORITHM.md section 6
+
+
+def uncertain_pixels(scores: np.ndarray) -> np.ndarray:
+    """Pixels whose top two of the (n + 1, h, w) scores differ by less than 0.05; with
+    one channel (background only) none is."""
+    scores = np.asarray(scores)
+    if scores.shape[0] < 2:
+        return np.zeros(scores.shape[1:], dtype=bool)
+    top2 = np.sort(scores, axis=0)[-2:]
+    return (top2[1] - top2[0]) < UNCERTAIN_GAP
 
 
 def background_only(key: str, height: int, width: int) -> Attention:

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .io import InputError, read_image, read_index_png, write_png, write_text
+from .result import UNCERTAIN_GAP, uncertain_pixels
 
 UNSURE = 255
-UNCERTAIN_GAP = 0.05  # ALGORITHM.md section 6: top-two scores closer than this are "uncertain"
 UNCERTAIN_TITLE = f"uncertain: top-2 score gap < {UNCERTAIN_GAP:g}"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -83,13 +83,8 @@ def binary_map(mask: np.ndarray) -> np.ndarray:
 
 
 def uncertainty_map(scores: np.ndarray) -> np.ndarray:
-    """Paper Fig. 4: white where the top two of the (n + 1, h, w) scores differ by less
-    than 0.05, black elsewhere. One channel (background only) is never uncertain."""
-    scores = np.asarray(scores)
-    if scores.shape[0] < 2:
-        return binary_map(np.zeros(scores.shape[1:], bool))
-    top2 = np.sort(scores, axis=0)[-2:]
-    return binary_map(top2[1] - top2[0] < UNCERTAIN_GAP)
+    """Paper Fig. 4: white where the top two scores differ by less than 0.05."""
+    return binary_map(uncertain_pixels(scores))
 
 
 def legend(classes: Sequence[int], names: Sequence[str], width: int | None = None) -> Image.Image:
