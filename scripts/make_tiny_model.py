@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from text2mask.modeling.tiny import make_tiny_model
+# StableDiffusionPipeline's import notes that torchvision is absent: true, and irrelevant here.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from text2mask.modeling.tiny import make_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
