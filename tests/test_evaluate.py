@@ -287,3 +287,16 @@ def test_voc_classes():
     assert len(VOC_CLASSES) == 21
     assert VOC_CLASSES[0] == "background" and VOC_CLASSES[15] == "person"
     assert VOC_CLASSES[-1] == "tvmonitor"
+
+
+def test_a_16_bit_mask_value_past_255_is_an_error_not_a_wrapped_class(tmp_path):
+    from PIL import Image
+
+    from text2mask.io import InputError, read_index_png
+
+    path = tmp_path / "m16.png"
+    Image.fromarray(np.array([[0, 15], [300, 255]], dtype=np.uint16)).save(path)
+    with pytest.raises(InputError, match=r"m16\.png: mask values outside 0\.\.255 \(max 300\)"):
+        read_index_png(path)
+    Image.fromarray(np.array([[0, 15], [20, 255]], dtype=np.uint16)).save(path)
+    np.testing.assert_array_equal(read_index_png(path), [[0, 15], [20, 255]])

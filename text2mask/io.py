@@ -56,11 +56,15 @@ def read_index_png(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
                 raise InputError(f"{path}: not a single-channel index PNG (mode {im.mode})")
-            return np.asarray(im).astype(np.uint8, copy=False)
+            a = np.asarray(im)
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from e
+    if a.dtype != np.uint8 and (a.min(initial=0) < 0 or a.max(initial=0) > 255):
+        # 16/32-bit masks: a value past 255 must not wrap into another class
+        raise InputError(f"{path}: mask values outside 0..255 (max {int(a.max())})")
+    return a.astype(np.uint8, copy=False)
 
 
 def _atomic(path: Path, write) -> None:
