@@ -290,9 +290,7 @@ def test_voc_classes():
 
 
 def test_a_16_bit_mask_value_past_255_is_an_error_not_a_wrapped_class(tmp_path):
-    from PIL import Image
-
-    from text2mask.io import InputError, read_index_png
+    from text2mask.io import read_index_png
 
     path = tmp_path / "m16.png"
     Image.fromarray(np.array([[0, 15], [300, 255]], dtype=np.uint16)).save(path)
