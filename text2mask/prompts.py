@@ -10,11 +10,19 @@ tokenizer, never hard-coded.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+def _prompts_dir() -> Path:
+    """``prompts/`` of the checkout (editable installs), else the copy a wheel install puts
+    under ``<prefix>/share/text2mask/prompts``."""
+    here = Path(__file__).resolve().parent.parent / "prompts"
+    return here if here.is_dir() else Path(sys.prefix) / "share" / "text2mask" / "prompts"
+
+
+PROMPTS_DIR = _prompts_dir()
 PREFIX = "a photo including "
 MAX_TOKENS = 77  # CLIP context: start token + 75 + end token
 
@@ -105,7 +113,7 @@ def _norm(name: str) -> str:
 def load_class_set(name_or_path: str | Path) -> ClassSet:
     """``voc``/``coco`` (bundled in ``prompts/``) or the path of a JSON file of that format."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():  # a bundled name: voc, coco
         path = PROMPTS_DIR / f"{name_or_path}.json"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
