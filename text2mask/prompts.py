@@ -64,7 +64,7 @@ class ClassSet:
         """Class names or indices (a list, or one comma/semicolon separated string) ->
         sorted unique indices; an unknown one is a ValueError naming ``where`` and it."""
         if isinstance(labels, str):
-            labels = [s for s in labels.replace(";", ",").split(",")]
+            labels = labels.replace(";", ",").split(",")
         out = set()
         for lab in labels:
             text = str(lab).strip()

@@ -149,7 +149,6 @@ class _Failures:
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: list[dict] = []
 
     def reset(self, keep_ids: set[str]) -> None:
         """Start this run's record, keeping earlier failures of images it does not touch."""
@@ -168,7 +167,6 @@ class _Failures:
         if not isinstance(error, (str, InputError)):
             msg = f"{type(error).__name__}: {msg}"
         rec = {"id": key, "stage": stage, "error": msg}
-        self.records.append(rec)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -342,7 +340,7 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
             pool.shutdown(wait=True, cancel_futures=True)
 
     summary.seconds = time.time() - started
-    summary = _combine(dist.gather(summary), summary)
+    summary = _combine(dist.gather(summary))
     dist.barrier()
     if not dist.main:
         return summary
@@ -358,10 +356,8 @@ def generate(predictor: Text2Mask, dataset: Dataset, opts: RunOptions, log=print
     return summary
 
 
-def _combine(parts: list[RunSummary], own: RunSummary) -> RunSummary:
+def _combine(parts: list[RunSummary]) -> RunSummary:
     """The whole run's counts from every process's summary (wall time: the slowest)."""
-    if len(parts) == 1:
-        return own
     total = RunSummary()
     for p in parts:
         for k in ("total", "done", "skipped", "no_labels", "model_seconds", "queue_wait_seconds"):
