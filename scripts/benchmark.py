@@ -7,12 +7,12 @@ scaled_linear schedule) and measures, on real VOC photos:
 
   floor     VAE encode + ONE full conditional UNet forward (default fused attention,
             batch 1) at the image's input size: the cost no implementation can beat
-  runner    the real batch runner (text2mask.runner.generate), 1 sample, CRF on,
+  runner    the real batch runner (text2mask.wsss.run.generate), 1 sample, CRF on,
             overlapped in workers=1 process: wall / images vs the floor; the model part
             alone (Text2Mask.attend, per call) vs the floor; queue-wait fraction
   memory    peak resident memory of the 1024-pixel case vs the model weights
   ten       10 samples: attend vs VAE encode + a 10-row batched full UNet forward
-  crf       CRF + PNG writing throughput (text2mask.write.finish) with 1 and 2 workers
+  crf       CRF + PNG writing throughput (text2mask.wsss.write.finish) with 1 and 2 workers
 
 Targets (from the issue): per image, 1 sample <= 1.10 x floor; 10 samples <= 1.05 x
 (VAE encode + 10 UNet rows); peak memory at 1024 px <= weights + 3 GB; model-side wait
@@ -107,8 +107,8 @@ def build_full_sd(tokenizer_dir: Path, seed: int = 0, smoke: bool = False):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from text2mask.modeling.sd import StableDiffusion
-    from text2mask.modeling.tiny import build_clip_tokenizer
+    from text2mask.modeling.loading import StableDiffusion
+    from tiny_models import build_clip_tokenizer
 
     # Default initialisation takes ~15 s for 1.07B parameters on 2 cores, so no tricks
     # are needed; it also keeps activations in a sane range (no NaN/denormals that
@@ -193,7 +193,7 @@ class Profile:
         return wrapper
 
     def install(self, sd) -> None:
-        from text2mask import propagate as P
+        from text2mask.wsss import propagate as P
         from text2mask.modeling import capture
 
         sd.vae.encode = self._timed("vae_encode", sd.vae.encode)
@@ -286,8 +286,8 @@ class Bench:
     def build(self) -> None:
         import torch
 
-        from text2mask.predictor import Text2Mask
-        from text2mask.result import MaskConfig
+        from text2mask.wsss.predictor import Text2Mask
+        from text2mask.wsss.result import MaskConfig
 
         if self.args.threads:
             torch.set_num_threads(self.args.threads)
@@ -404,7 +404,7 @@ class Bench:
 
     def step_runner(self) -> None:
         from text2mask.data.base import Dataset, Sample
-        from text2mask.runner import RunOptions, generate
+        from text2mask.wsss.run import RunOptions, generate
 
         p = self.predictor
         keys = [k for pair in zip(self.keys768, self.keys1024) for k in pair]
@@ -457,8 +457,8 @@ class Bench:
         from concurrent.futures import ProcessPoolExecutor, wait
         from multiprocessing import get_context
 
-        from text2mask.result import refine
-        from text2mask.write import finish
+        from text2mask.wsss.result import refine
+        from text2mask.wsss.write import finish
 
         if not self.atts:
             for k in self.keys768 + self.keys1024:
@@ -489,8 +489,8 @@ class Bench:
         self.save()
 
     def step_ten(self) -> None:
-        from text2mask.predictor import Text2Mask
-        from text2mask.result import MaskConfig
+        from text2mask.wsss.predictor import Text2Mask
+        from text2mask.wsss.result import MaskConfig
 
         key = self.keys768[0]
         p10 = Text2Mask(self.sd, self.predictor.class_set, MaskConfig(samples=10))

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 # StableDiffusionPipeline's import notes that torchvision is absent: true, and irrelevant here.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from text2mask.modeling.tiny import make_tiny_model  # noqa: E402
+# The builder lives with the tests, outside the package's import path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import make_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ import pytest
 def tiny_model_dir(tmp_path_factory):
     """A tiny random SD v1-layout model in diffusers format, built once per session."""
     # Imported here so test sessions that never use the model skip loading transformers.
-    from text2mask.modeling.tiny import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
@@ -21,7 +21,7 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def sd(tiny_model_dir):
     """The tiny model loaded through text2mask's own loader (CPU, float32)."""
-    from text2mask.modeling.sd import load
+    from text2mask.modeling.loading import load
 
     return load(str(tiny_model_dir), device="cpu", dtype="fp32")
 
@@ -31,7 +31,7 @@ def sd(tiny_model_dir):
 @pytest.fixture(scope="module")
 def voc_predictor(tiny_model_dir):
     """One loaded tiny-model predictor (VOC classes, default MaskConfig) per test module."""
-    from text2mask.predictor import MaskConfig, Text2Mask
+    from text2mask.wsss.predictor import MaskConfig, Text2Mask
 
     return Text2Mask.from_pretrained(str(tiny_model_dir), "voc", MaskConfig(), device="cpu", dtype="fp32")
 

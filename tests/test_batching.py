@@ -10,9 +10,9 @@ import torch
 from text2mask.data.base import Dataset, Sample
 from text2mask.io import read_image
 from text2mask.modeling.capture import AttentionCapture
-from text2mask.predictor import MaskConfig, Text2Mask, image_seed
+from text2mask.wsss.predictor import MaskConfig, Text2Mask, image_seed
 from text2mask.preprocess import geometry, prepare
-from text2mask.runner import RunOptions, generate
+from text2mask.wsss.run import RunOptions, generate
 
 VOC = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"
 A, B = "2007_000039", "2007_000068"   # both 500 x 375 -> one padded size (768 x 576)
@@ -70,7 +70,7 @@ def test_a_batch_of_two_images_equals_each_alone(t2m):
 
 def _dataset(ids):
     from text2mask.data.voc import labels_from_mask
-    from text2mask.prompts import load_class_set
+    from text2mask.classes import load_class_set
 
     samples = [Sample(i, VOC / "JPEGImages" / f"{i}.jpg",
                       labels_from_mask(VOC / "SegmentationClass" / f"{i}.png", 21)) for i in ids]

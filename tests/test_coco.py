@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from text2mask.data.base import DatasetError
+from text2mask.errors import DatasetError
 from text2mask.data.coco import build_gt, ensure_gt, load_coco, render_gt
 from text2mask.io import read_index_png
-from text2mask.prompts import load_class_set
+from text2mask.classes import load_class_set
 
 MINI = Path(__file__).resolve().parent.parent / "samples" / "coco-mini"
 ANN = MINI / "annotations" / "instances_mini.json"

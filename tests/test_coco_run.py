@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from text2mask.cli import app
 from text2mask.io import read_image, read_index_png
-from text2mask.prompts import load_class_set
+from text2mask.classes import load_class_set
 
 COCO = Path(__file__).resolve().parent.parent / "samples" / "coco-mini"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from text2mask.runner import shard_of
+from text2mask.wsss.run import shard_of
 
 VOC = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"
 # Four real photos; the shard hash puts two on each of 2 ranks.

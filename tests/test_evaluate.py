@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from text2mask.evaluate import (
+from text2mask.evaluation.semantic import (
     VOC_CLASSES,
     confusion,
     evaluate_dirs,
     format_table,
-    read_split_file,
     scores,
 )
-from text2mask.io import InputError, write_index_png
+from text2mask.data.base import read_split_file
+from text2mask.io import write_index_png
+from text2mask.errors import InputError
 
 VOC_GT = Path(__file__).parent.parent / "samples" / "voc-mini" / "VOC2012" / "SegmentationClass"
 

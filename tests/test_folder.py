@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from text2mask.data.base import DatasetError
+from text2mask.errors import DatasetError
 from text2mask.data.folder import load_folder
 
 JPEGS = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012" / "JPEGImages"

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from text2mask.cli import app
-from text2mask.evaluate import confusion, evaluate_dirs, scores
+from text2mask.evaluation.semantic import confusion, evaluate_dirs, scores
 from text2mask.io import read_index_png
 
 VOC = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from text2mask.preprocess import Geometry, geometry, long_side, prepare
-from text2mask.propagate import to_image
+from text2mask.wsss.propagate import to_image
 
 JPEGS = Path(__file__).resolve().parent.parent / "samples/voc-mini/VOC2012/JPEGImages"
 PAD = (123, 117, 104)

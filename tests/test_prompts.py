@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from text2mask.prompts import MAX_TOKENS, load_class_set, plan_prompts
+from text2mask.classes import load_class_set
+from text2mask.wsss.prompts import MAX_TOKENS, plan_prompts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PREFIX = "a photo including "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from text2mask.propagate import (background, box_mask, class_cross, min_max, propagate,
+from text2mask.wsss.propagate import (background, box_mask, class_cross, min_max, propagate,
                                  scores_with_background, self_cross)
 
 

@@ -6,7 +6,7 @@ import pytest
 from scipy.ndimage import gaussian_filter, shift
 
 from text2mask.io import read_image, read_index_png
-from text2mask.refine import crf_image, crf_labels, dense_crf, training_mask
+from text2mask.wsss.refine import crf_image, crf_labels, dense_crf, training_mask
 
 VOC = Path(__file__).parent.parent / "samples" / "voc-mini" / "VOC2012"
 MEAN_BGR = (104.008, 116.669, 122.675)

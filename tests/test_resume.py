@@ -27,7 +27,7 @@ from text2mask.cli import app
 from text2mask.data.voc import load_voc
 from text2mask.io import read_image
 from text2mask.preprocess import geometry
-from text2mask.runner import RunOptions, generate
+from text2mask.wsss.run import RunOptions, generate
 
 FOLDERS = ("initial", "crf", "masks")
 KILL_IDS = ["2007_000032", "2007_000063", "2007_000129"]       # 500x281, 500x375, 334x500

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from text2mask import propagate as P
+from text2mask.wsss import propagate as P
 from text2mask.cli import app
 from text2mask.data.folder import load_folder
 from text2mask.io import read_image
 from text2mask.preprocess import geometry
-from text2mask.runner import RunOptions, generate
+from text2mask.wsss.run import RunOptions, generate
 
 VOC = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"
 GOOD = "2007_000032"        # 500 x 281, aeroplane + person
@@ -371,7 +371,7 @@ def test_single_peak_class_map_gives_finite_scores():
 @pytest.fixture
 def model_loads(monkeypatch):
     """Records every model load the CLI starts (and lets it go ahead)."""
-    from text2mask.predictor import Text2Mask
+    from text2mask.wsss.predictor import Text2Mask
 
     calls = []
     original = Text2Mask.from_pretrained.__func__

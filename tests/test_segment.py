@@ -5,7 +5,8 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from text2mask.cli import EXIT_CONFIG, app
+from text2mask.cli import app
+from text2mask.errors import EXIT_CONFIG
 
 PHOTO = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012" / "JPEGImages" / "2007_000039.jpg"
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from text2mask.modeling.tiny import build_clip_tokenizer, clip_bpe_path, make_tiny_model
+from tiny_models import build_clip_tokenizer, clip_bpe_path, make_tiny_model
 
 BOS, EOS = 49406, 49407
 

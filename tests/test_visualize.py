@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from text2mask.evaluate import VOC_CLASSES, evaluate_dirs
-from text2mask.io import InputError, read_image, read_index_png
+from text2mask.evaluation.semantic import VOC_CLASSES, evaluate_dirs
+from text2mask.io import read_image, read_index_png
+from text2mask.errors import InputError
 from text2mask.visualize import (
     BAR_ROW,
     CAPTION_HEIGHT,
@@ -136,8 +137,8 @@ def test_iou_bar_chart_size_and_title_classes(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     from text2mask.data.voc import load_voc
-    from text2mask.predictor import MaskConfig, Text2Mask
-    from text2mask.runner import RunOptions, generate
+    from text2mask.wsss.predictor import MaskConfig, Text2Mask
+    from text2mask.wsss.run import RunOptions, generate
 
     out = tmp_path_factory.mktemp("vis") / "run"
     predictor = Text2Mask.from_pretrained(str(tiny_model_dir), "voc", MaskConfig())

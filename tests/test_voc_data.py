@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from text2mask.cli import app
-from text2mask.data.base import DatasetError
+from text2mask.errors import DatasetError
 from text2mask.data.voc import load_voc
 from text2mask.io import read_index_png
 

@@ -12,9 +12,9 @@ __all__ = ["Text2Mask", "MaskConfig", "MaskResult", "__version__"]
 def __getattr__(name):
     # Lazy: CRF worker processes import text2mask.* and must not pay for torch.
     if name == "Text2Mask":
-        from .predictor import Text2Mask
+        from .wsss.predictor import Text2Mask
         return Text2Mask
     if name in ("MaskConfig", "MaskResult"):
-        from . import result
+        from .wsss import result
         return getattr(result, name)
     raise AttributeError(name)

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-
-class InputError(Exception):
-    """A problem with one input file; the message names the file and the cause."""
+from .errors import InputError
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

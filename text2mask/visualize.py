@@ -19,8 +19,9 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .io import InputError, read_image, read_index_png, write_png, write_text
-from .result import UNCERTAIN_GAP, uncertain_pixels
+from .io import read_image, read_index_png, write_png, write_text
+from .errors import InputError
+from .wsss.result import UNCERTAIN_GAP, uncertain_pixels
 
 UNSURE = 255
 UNCERTAIN_TITLE = f"uncertain: top-2 score gap < {UNCERTAIN_GAP:g}"

@@ -6,12 +6,8 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from ..io import InputError
-from ..prompts import ClassSet
-
-
-class DatasetError(ValueError):
-    """A configuration problem found before any image is processed."""
+from ..errors import DatasetError, InputError
+from ..classes import ClassSet
 
 
 @dataclass(frozen=True)

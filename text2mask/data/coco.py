@@ -34,7 +34,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from ..io import write_index_png
-from ..prompts import ClassSet, load_class_set
+from ..classes import ClassSet, load_class_set
 from .base import Dataset, DatasetError, Sample
 
 SPLITS = ("train", "val")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path, PurePosixPath
 
-from ..prompts import ClassSet, load_class_set
+from ..classes import ClassSet, load_class_set
 from .base import Dataset, DatasetError, Sample
 from .voc import class_indices, read_labels_file
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import InputError, read_index_png
-from ..prompts import ClassSet, load_class_set
+from ..io import read_index_png
+from ..errors import InputError
+from ..classes import ClassSet, load_class_set
 from .base import Dataset, DatasetError, Sample, read_split_file
 
 SPLITS = ("train", "train_aug", "trainval", "trainval_aug", "val")

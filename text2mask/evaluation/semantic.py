@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data.base import read_split_file  # noqa: F401  (re-exported for the CLI)
-from .io import InputError, read_index_png
+from ..io import read_index_png
+from ..errors import InputError
 
 IGNORE = 255
 

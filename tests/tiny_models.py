@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from text2mask.modeling.loading import RANDOM_WEIGHTS_MARKER
+
 _BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 # OpenAI CLIP keeps the first 49152 - 256 - 2 merges so that bytes, bytes + '</w>',
 # merges and the two special tokens add up to a 49,408-entry vocabulary.
@@ -95,9 +97,6 @@ def build_clip_tokenizer(out_dir: str | os.PathLike) -> CLIPTokenizer:
         raise RuntimeError(f"CLIP tokenizer has {len(tokenizer)} tokens, expected {_VOCAB_SIZE}")
     tokenizer.save_pretrained(out_dir)
     return tokenizer
-
-
-RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 
 
 def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError
+
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+# A file the test/demo model builder leaves in its folder: runs on it say their masks mean nothing.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 _HOW_TO = ("Pass --model with a local diffusers folder (with vae/, unet/, text_encoder/, tokenizer/, scheduler/), "
            "e.g. one saved by StableDiffusionPipeline.save_pretrained or downloaded on a connected machine with "
            "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`.")
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -106,7 +106,6 @@ def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | Non
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .tiny import RANDOM_WEIGHTS_MARKER
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

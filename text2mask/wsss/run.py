@@ -22,19 +22,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
-from .data.base import Dataset, Sample
-from .distributed import Distributed
-from .evaluate import evaluate_dirs, format_table
-from .io import InputError, read_image, write_json, write_text
+from .. import __version__
+from ..data.base import Dataset, Sample
+from ..distributed import Distributed
+from ..evaluation.semantic import evaluate_dirs, format_table
+from ..errors import ConfigMismatch, InputError
+from ..io import read_image, write_json, write_text
 from .predictor import Text2Mask
-from .preprocess import geometry, shrink
+from ..preprocess import geometry, shrink
 from .result import Attention, background_only
 from .write import FOLDERS, finish, is_complete, output_path
-
-
-class ConfigMismatch(RuntimeError):
-    pass
 
 
 def default_workers() -> int:

@@ -1,4 +1,5 @@
-"""``text2mask`` command line: a thin shell over the Python API and the runner."""
+"""WSSS commands (the paper's first task): ``generate``, ``evaluate``, ``segment``,
+``prompts``, ``visualize``, ``coco-gt`` — thin shells over ``text2mask.wsss``."""
 from __future__ import annotations
 
 import os
@@ -8,13 +9,10 @@ from typing import Optional
 
 import typer
 
-from .modeling.sd import DEFAULT_MODEL
+from ..modeling.loading import DEFAULT_MODEL
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pixel-level pseudo masks from image-level labels with Stable Diffusion attention.")
-
-EXIT_FAILED_IMAGES = 1
-EXIT_CONFIG = 2
+from ..errors import EXIT_CONFIG, EXIT_FAILED_ITEMS as EXIT_FAILED_IMAGES
+from .root import app
 
 
 class DatasetKind(str, Enum):
@@ -70,22 +68,22 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
 def load_dataset(dataset: DatasetKind, data_root: Path | None, split: str, labels_from: LabelSource,
                  labels: Path | None, images: Path | None, prompts: str | None,
                  images_dir: Path | None = None, annotations: Path | None = None):
-    from .data.base import DatasetError
+    from ..errors import DatasetError
 
     if dataset is DatasetKind.voc:
-        from .data.voc import load_voc
+        from ..data.voc import load_voc
 
         if data_root is None:
             raise DatasetError("--data-root is required for --dataset voc (the VOC2012 folder)")
         return load_voc(data_root, split, labels_from.value, labels, prompts or "voc")
     if dataset is DatasetKind.coco:
-        from .data.coco import load_coco
+        from ..data.coco import load_coco
 
         if data_root is None and (images_dir is None or annotations is None):
             raise DatasetError("--data-root (or both --images-dir and --annotations) is required for --dataset coco")
         return load_coco(data_root, split, images_dir=images_dir, annotations=annotations,
                          class_set=prompts or "coco")
-    from .data.folder import load_folder
+    from ..data.folder import load_folder
 
     if images is None or labels is None:
         raise DatasetError("--dataset folder needs --images DIR and --labels FILE")
@@ -129,11 +127,11 @@ def generate(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Pseudo masks for a dataset: masks/ (255 = unsure), initial/, crf/, run.json, metrics.json."""
-    from .data.base import DatasetError
-    from .distributed import Distributed
-    from .io import InputError
-    from .modeling.sd import ModelLoadError
-    from .runner import ConfigMismatch, RunOptions, check_writable, default_workers, generate as run
+    from ..errors import DatasetError
+    from ..distributed import Distributed
+    from ..errors import InputError
+    from ..modeling.loading import ModelLoadError
+    from ..wsss.run import ConfigMismatch, RunOptions, check_writable, default_workers, generate as run
 
     try:
         shard_t = _parse_shard(shard)
@@ -143,11 +141,11 @@ def generate(
         if dataset is DatasetKind.coco and evaluate:
             from dataclasses import replace
 
-            from .data.coco import ensure_gt
+            from ..data.coco import ensure_gt
 
             ds = ensure_gt(replace(ds, samples=ds.samples[:limit]) if limit else ds, progress=progress)
         _quiet_libraries()
-        from .predictor import MaskConfig, Text2Mask
+        from ..wsss.predictor import MaskConfig, Text2Mask
 
         cfg = MaskConfig(samples=samples, timestep=timestep, seed=seed, box_threshold=box_threshold,
                          background_tau=bg_tau, background_power=bg_power, crf=crf,
@@ -188,10 +186,11 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
 ) -> None:
     """mIoU of predicted masks: one confusion matrix over all images, GT 255 ignored."""
-    from .data.base import read_split_file
-    from .evaluate import evaluate_dirs, format_table
-    from .io import InputError, write_json
-    from .prompts import load_class_set
+    from ..data.base import read_split_file
+    from ..evaluation.semantic import evaluate_dirs, format_table
+    from ..io import write_json
+    from ..errors import InputError
+    from ..classes import load_class_set
 
     try:
         names = None
@@ -212,7 +211,7 @@ def evaluate(
     typer.echo(format_table(res, f"{pred} vs {gt} ({res['split']})"))
     if json_out:
         write_json(json_out, res)
-        from .visualize import iou_bar_chart
+        from ..visualize import iou_bar_chart
 
         iou_bar_chart(res, json_out.with_suffix(".png"))
 
@@ -226,8 +225,8 @@ def coco_gt(
     out: Optional[Path] = typer.Option(None, help="Where to write (default <root>/SegmentationClass/<split>2014)."),
 ) -> None:
     """Render COCO semantic ground truth (81 classes) from the instance annotations, once."""
-    from .data.base import DatasetError
-    from .data.coco import build_gt, load_coco
+    from ..errors import DatasetError
+    from ..data.coco import build_gt, load_coco
 
     try:
         ds = load_coco(data_root, split, images_dir=images_dir, annotations=annotations)
@@ -247,9 +246,10 @@ def show_prompts(
     """Show the composed prompt(s) and each class's token span, to debug synonyms."""
     from transformers import CLIPTokenizer
 
-    from .data.base import DatasetError
-    from .data.voc import class_indices
-    from .prompts import load_class_set, plan_prompts
+    from ..errors import DatasetError
+    from ..data.voc import class_indices
+    from ..classes import load_class_set
+    from ..wsss.prompts import plan_prompts
 
     try:
         cs = load_class_set(prompts)
@@ -274,7 +274,7 @@ def show_prompts(
 def _phrase_class_set(labels: str):
     """An in-memory class set whose k-th class is the k-th comma-separated phrase, with
     VOC's default background words and VOC's box threshold and background (tau, p)."""
-    from .prompts import ClassSet, ClassSpec, load_class_set
+    from ..classes import ClassSet, ClassSpec, load_class_set
 
     phrases = [p.strip() for p in labels.split(",") if p.strip()]
     if not phrases:
@@ -302,9 +302,10 @@ def segment(
 ) -> None:
     """Open-vocabulary masks for photos: <out>/<stem>.png (index k = k-th phrase, 0 = background,
     255 = unsure after the CRF; without the CRF the initial labels) and <out>/<stem>_overlay.png."""
-    from .io import InputError, read_image, write_index_png, write_png
-    from .modeling.sd import ModelLoadError
-    from .visualize import overlay_with_legend
+    from ..io import read_image, write_index_png, write_png
+    from ..errors import InputError
+    from ..modeling.loading import ModelLoadError
+    from ..visualize import overlay_with_legend
 
     try:
         cs = _phrase_class_set(labels)
@@ -312,7 +313,7 @@ def segment(
         if len(set(stems)) != len(stems):
             raise ValueError("two images share a file name stem; their outputs would overwrite each other")
         _quiet_libraries()
-        from .predictor import MaskConfig, Text2Mask
+        from ..wsss.predictor import MaskConfig, Text2Mask
 
         _log(f"loading {model} ...")
         predictor = Text2Mask.from_pretrained(model, cs, MaskConfig(samples=samples, seed=seed, crf=crf),
@@ -349,8 +350,8 @@ def visualize(
 ) -> None:
     """Per-image strips photo | initial | CRF | ground truth | unsure pixels, plus index.html.
     The last column is CRF confidence below the run's threshold (masks/ 255), not the score gap."""
-    from .io import InputError
-    from .visualize import visualize_run
+    from ..errors import InputError
+    from ..visualize import visualize_run
 
     try:
         index = visualize_run(run, n=n, out=out, images=images)
@@ -358,11 +359,3 @@ def visualize(
         _err(str(e))
         raise typer.Exit(EXIT_CONFIG)
     typer.echo(index)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import write_index_png
+from ..io import write_index_png
 from .result import Attention, MaskConfig, refine
 
 FOLDERS = ("initial", "crf", "masks")

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .prompts import ClassSet, PromptPlan
+from ..classes import ClassSet
+from .prompts import PromptPlan
 from .refine import crf_labels, dense_crf, training_mask
 
 

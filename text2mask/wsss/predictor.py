@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 from . import propagate as P
-from .io import read_image
-from .modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
-from .modeling.sd import DEFAULT_MODEL, StableDiffusion, load
-from .preprocess import Geometry, geometry, prepare
-from .prompts import ClassSet, PromptPlan, load_class_set, plan_prompts
+from ..io import read_image
+from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
+from ..modeling.loading import DEFAULT_MODEL, StableDiffusion, load
+from ..preprocess import Geometry, geometry, prepare
+from ..classes import ClassSet, load_class_set
+from .prompts import PromptPlan, plan_prompts
 from .result import Attention, MaskConfig, MaskResult, background_only, refine
 
 
