@@ -11,6 +11,23 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """A tiny random SD v2-layout model (OpenCLIP-style text encoder, per-block head counts,
+    linear projections, epsilon prediction) in diffusers format, built once per session."""
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sd2") / "model", seed=0, family="sd2")
+
+
+@pytest.fixture(scope="session")
+def sd2(tiny_sd2_dir):
+    """The tiny SD2 model loaded through text2mask's own loader (CPU, float32)."""
+    from text2mask.modeling.loading import load
+
+    return load(str(tiny_sd2_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     """The real SD v1 CLIP BPE tokenizer saved with the tiny model."""
     from transformers import CLIPTokenizer

@@ -253,3 +253,220 @@ def test_conditional_only_equals_conditional_row_of_guidance_batch(sd, inputs):
         torch.testing.assert_close(pair.cross[i][1], single.cross[i][0], rtol=0, atol=1e-5)
         assert (pair.cross[i][0] - single.cross[i][0]).abs().max() > 1e-3  # the rows do differ
     torch.testing.assert_close(pair.self_attn[1], single.self_attn[0], rtol=0, atol=1e-5)
+
+
+# --- SD 2.x layout, logits, full output, gradients, foreign processors ---------------------
+
+SD2_HEADS = [2, 2, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4, 2, 2, 2]  # forward order, tiny_models.SD2_HEADS
+
+
+@pytest.fixture(scope="module")
+def sd2_inputs(sd2):
+    """A 16x24 latent (grids 2x3 at /8, 8x12 at /2) and a real prompt's embedding."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn((1, 4, 16, 24), generator=g), embed(sd2, PROMPT)
+
+
+def attn_of(unet, block, kind):
+    return getattr(unet.get_submodule(TABLE[block][0]).transformer_blocks[0], kind)
+
+
+def grab_all(unet, blocks_kinds, run):
+    """Inputs of the given attention layers during run()."""
+    store = {bk: [] for bk in blocks_kinds}
+    handles = [grab_input(attn_of(unet, *bk), store[bk]) for bk in blocks_kinds]
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, {bk: v[0] for bk, v in store.items()}
+
+
+def test_sd2_layout_has_per_block_head_counts_and_linear_projections(sd2):
+    assert sd2.info["family"] == "sd2" and sd2.unet.config.use_linear_projection
+    blocks = transformer_blocks(sd2.unet)
+    assert [(b.name, b.factor) for b in blocks] == TABLE
+    heads = [sd2.unet.get_submodule(b.name).transformer_blocks[0].attn1.heads for b in blocks]
+    assert heads == SD2_HEADS
+    assert all(isinstance(sd2.unet.get_submodule(b.name).proj_in, torch.nn.Linear) for b in blocks)
+
+
+@pytest.mark.parametrize("block, kind", [(1, "attn2"), (3, "attn2"), (6, "attn2"), (11, "attn1"), (14, "attn1")])
+def test_sd2_capture_equals_softmax_per_head_count(sd2, sd2_inputs, block, kind):
+    z_t, emb = sd2_inputs
+    cross, selfb = ((block,), ()) if kind == "attn2" else ((), (block,))
+
+    def run():
+        with torch.no_grad(), AttentionCapture(sd2.unet, cross, selfb) as cap:
+            return cap.run(z_t, T, emb)
+
+    maps, grabbed = grab_all(sd2.unet, [(block, kind)], run)
+    x, context = grabbed[(block, kind)]
+    attn = attn_of(sd2.unet, block, kind)
+    assert attn.heads == SD2_HEADS[block]
+    with torch.no_grad():
+        expected = softmax_maps(attn, x, x if context is None else context)
+    h, w = 16 // TABLE[block][1], 24 // TABLE[block][1]
+    got = maps.cross[block].reshape(1, h * w, 77) if kind == "attn2" else maps.self_attn
+    if kind == "attn1":
+        assert maps.grid == (h, w)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_logits_capture_equals_hand_computation(sd2, sd2_inputs):
+    """Head-mean Q K^T / sqrt(d) of the requested columns, before any softmax."""
+    z_t, emb = sd2_inputs
+    tokens = [0, 2, 5, 76]
+
+    def run():
+        with torch.no_grad(), AttentionCapture(sd2.unet, (4, 8), (), cross_logits_tokens=tokens) as cap:
+            return cap.run(z_t, T, emb)
+
+    maps, grabbed = grab_all(sd2.unet, [(4, "attn2"), (8, "attn2")], run)
+    for block in (4, 8):
+        x, context = grabbed[(block, "attn2")]
+        attn = attn_of(sd2.unet, block, "attn2")
+        with torch.no_grad():
+            q, k = attn.to_q(x).double(), attn.to_k(context).double()
+        hd = q.shape[-1] // attn.heads
+        q = q.view(1, -1, attn.heads, hd).transpose(1, 2)
+        k = k.view(1, -1, attn.heads, hd).transpose(1, 2)
+        expected = (q @ k.transpose(-1, -2) / math.sqrt(hd))[..., tokens].mean(dim=1)
+        got = maps.cross_logits[block]
+        assert tuple(got.shape) == (1, 4, 6, 4)
+        torch.testing.assert_close(got.reshape(1, 24, 4).double(), expected, rtol=0, atol=1e-5)
+        # and the probabilities of those columns are the softmax over all 77 logits
+        assert not torch.allclose(got, maps.cross[block][..., tokens])
+
+
+def test_full_pass_output_equals_plain_unet(sd2, sd2_inputs):
+    z_t, emb = sd2_inputs
+    with torch.no_grad():
+        plain = sd2.unet(z_t, T, encoder_hidden_states=emb).sample
+        with AttentionCapture(sd2.unet, (4, 5, 6, 7, 8), (13, 14, 15), stop_early=False) as cap:
+            maps = cap.run(z_t, T, emb)
+        with AttentionCapture(sd2.unet) as cap:
+            stopped = cap.run(z_t, T, emb)
+    assert stopped.output is None
+    assert maps.output.shape == plain.shape == (1, 4, 16, 24)
+    torch.testing.assert_close(maps.output, plain, rtol=0, atol=1e-5)
+    assert (plain.abs() > 1e-3).any()
+
+
+def test_several_self_blocks_are_averaged(sd2, sd2_inputs):
+    z_t, emb = sd2_inputs
+    with torch.no_grad():
+        parts = []
+        for b in (13, 14, 15):
+            with AttentionCapture(sd2.unet, (), (b,)) as cap:
+                parts.append(cap.run(z_t, T, emb).self_attn)
+        with AttentionCapture(sd2.unet, (), (13, 14, 15)) as cap:
+            avg = cap.run(z_t, T, emb)
+    assert avg.grid == (16, 24)
+    torch.testing.assert_close(avg.self_attn, (parts[0] + parts[1] + parts[2]) / 3, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="share one grid"):
+        AttentionCapture(sd2.unet, (), (11, 13))
+
+
+def test_gradients_flow_to_text_embeddings(sd2, sd2_inputs):
+    """d/d(emb) of a captured probability and a captured logit, checked against a
+    central finite difference on a float64 copy of the UNet."""
+    import copy
+
+    unet = copy.deepcopy(sd2.unet).double()
+    z_t, emb = (t.double() for t in sd2_inputs)
+
+    def f(e):
+        with AttentionCapture(unet, (7,), (), cross_logits_tokens=[3]) as cap:
+            maps = cap.run(z_t, T, e)
+        return maps.cross[7][..., 3].sum() + 0.1 * maps.cross_logits[7].sum()
+
+    e = emb.clone().requires_grad_(True)
+    with torch.enable_grad():
+        f(e).backward()
+    grad = e.grad
+    assert torch.isfinite(grad).all() and grad[0, 3].abs().sum() > 0
+    v = torch.randn(emb.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = 1e-4
+    with torch.no_grad():
+        numeric = (f(emb + h * v) - f(emb - h * v)) / (2 * h)
+    torch.testing.assert_close((grad * v).sum(), numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_unknown_layout_names_what_it_found():
+    from diffusers import UNet2DConditionModel
+
+    from text2mask.errors import ModelLoadError
+
+    torch.manual_seed(0)
+    xl_like = UNet2DConditionModel(  # SDXL's shape: 3 levels, several transformer layers per block
+        sample_size=16, block_out_channels=(16, 16, 16), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), cross_attention_dim=16, attention_head_dim=4)
+    with pytest.raises(ModelLoadError, match=r"found 11 transformer blocks.*2 transformer layer"):
+        AttentionCapture(xl_like)
+
+
+def custom_diffusion_processors(unet, blocks, train_q_out, seed=0):
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    g = torch.Generator().manual_seed(seed)
+    procs = {}
+    for b in blocks:
+        attn = attn_of(unet, b, "attn2")
+        p = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=train_q_out,
+                                            hidden_size=attn.to_q.out_features,
+                                            cross_attention_dim=attn.to_k.in_features)
+        with torch.no_grad():
+            for prm in p.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.2)
+        procs[f"{TABLE[b][0]}.transformer_blocks.0.attn2.processor"] = p
+    return procs
+
+
+@pytest.mark.parametrize("train_q_out", [False, True])
+def test_custom_diffusion_processor_is_honoured(sd, inputs, train_q_out):
+    from text2mask.modeling.capture import swap_processors
+
+    z_t, emb = inputs
+    procs = custom_diffusion_processors(sd.unet, (4, 5, 6, 7, 8), train_q_out)
+    with torch.no_grad(), swap_processors(sd.unet, procs):
+        plain = sd.unet(z_t, T, encoder_hidden_states=emb).sample
+
+        def run():
+            with AttentionCapture(sd.unet, stop_early=False) as cap:
+                return cap.run(z_t, T, emb)
+
+        maps, grabbed = grab_all(sd.unet, [(6, "attn2")], run)
+    torch.testing.assert_close(maps.output, plain, rtol=0, atol=1e-5)
+    x, context = grabbed[(6, "attn2")]
+    p = procs[f"{TABLE[6][0]}.transformer_blocks.0.attn2.processor"]
+    attn = attn_of(sd.unet, 6, "attn2")
+    with torch.no_grad():
+        q = (p.to_q_custom_diffusion if train_q_out else attn.to_q)(x).double()
+        k = p.to_k_custom_diffusion(context).double()
+    hd = q.shape[-1] // attn.heads
+    q = q.view(1, -1, attn.heads, hd).transpose(1, 2)
+    k = k.view(1, -1, attn.heads, hd).transpose(1, 2)
+    expected = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1).mean(dim=1)
+    torch.testing.assert_close(maps.cross[6].reshape(1, -1, 77).double(), expected, rtol=0, atol=1e-5)
+    assert all(sd.unet.attn_processors[k] is not v for k, v in procs.items())  # restored
+
+
+def test_unknown_processor_is_refused_by_name(sd):
+    from text2mask.modeling.capture import swap_processors
+
+    class ForeignProcessor:
+        def __call__(self, attn, hidden_states, **kwargs):
+            raise AssertionError("never called")
+
+    key = f"{TABLE[11][0]}.transformer_blocks.0.attn1.processor"
+    with swap_processors(sd.unet, {key: ForeignProcessor()}):
+        with pytest.raises(NotImplementedError, match=r"ForeignProcessor of up_blocks\.2\.attentions\.1"):
+            with AttentionCapture(sd.unet):
+                pass
+    with pytest.raises(KeyError, match="no attention layer"):
+        with swap_processors(sd.unet, {"nowhere.processor": ForeignProcessor()}):
+            pass

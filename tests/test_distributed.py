@@ -29,7 +29,9 @@ def voc_tree(tmp_path_factory):
 def _env():
     # Thread count changes float summation order; torchrun pins 1 thread per process, so
     # every run here does too (see README, Determinism).
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    repo = str(Path(__file__).resolve().parent.parent)   # this checkout's text2mask, installed or not
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
 
 
 def _generate(args, out, model, launcher, root):
@@ -73,7 +75,7 @@ def test_two_processes_equal_one_process(launcher, reference, tiny_model_dir, vo
     assert run["status"] == "complete" and run["run"]["done"] == 4 and run["run"]["total"] == 4
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 4
-    assert metrics["crf"]["miou"] == json.loads((reference / "metrics.json").read_text())["crf"]["miou"]
+    assert metrics["crf"]["mIoU"] == json.loads((reference / "metrics.json").read_text())["crf"]["mIoU"]
     assert res.stderr.count("loading ") == 1          # one voice: the main process
     assert res.stderr.count("done: 4 written") == 1
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from text2mask.classes import load_class_set
 from text2mask.evaluation.semantic import (
-    VOC_CLASSES,
+    SemanticMetric,
     confusion,
     evaluate_dirs,
     format_table,
@@ -17,6 +18,12 @@ from text2mask.io import write_index_png
 from text2mask.errors import InputError
 
 VOC_GT = Path(__file__).parent.parent / "samples" / "voc-mini" / "VOC2012" / "SegmentationClass"
+VOC_CLASSES = load_class_set("voc").names
+
+
+def pct(x):
+    """Fractions of the hand computations in percent, as the metrics are given."""
+    return None if x is None else 100 * x
 
 
 # --- hand-built arrays --------------------------------------------------------------
@@ -36,14 +43,18 @@ def test_confusion_and_scores_by_hand():
 
     r = scores(conf, ["a", "b", "c"])
     # IoU0 = 1/(2+1-1), IoU1 = 1/(2+2-1), IoU2 = 1/(1+2-1)
-    assert [c["iou"] for c in r["per_class"]] == pytest.approx([1 / 2, 1 / 3, 1 / 2], abs=1e-15)
-    assert r["miou"] == pytest.approx(4 / 9, abs=1e-15)
-    assert r["pixel_accuracy"] == pytest.approx(3 / 5, abs=1e-15)
+    assert [c["IoU"] for c in r["per_class"]] == pytest.approx([50, 100 / 3, 50], abs=1e-12)
+    # Acc_c = T_c / G_c: 1/2, 1/2, 1/1; mAcc their mean
+    assert [c["Acc"] for c in r["per_class"]] == pytest.approx([50, 50, 100], abs=1e-12)
+    assert r["mAcc"] == pytest.approx(200 / 3, abs=1e-12)
+    assert r["confusion"] == expected.tolist()
+    assert r["mIoU"] == pytest.approx(pct(4 / 9), abs=1e-12)
+    assert r["aAcc"] == pytest.approx(pct(3 / 5), abs=1e-12)
     assert r["classes_in_mean"] == 3
     assert [c["gt_pixels"] for c in r["per_class"]] == [2, 2, 1]
     assert [c["pred_pixels"] for c in r["per_class"]] == [1, 2, 2]
     assert [c["name"] for c in r["per_class"]] == ["a", "b", "c"]
-    assert "coverage" not in r and "miou_confident" not in r
+    assert "coverage" not in r and "mIoU_confident" not in r
 
 
 def test_gt_255_is_ignored_whatever_is_predicted():
@@ -61,12 +72,12 @@ def test_class_absent_from_gt_left_out_of_mean_but_its_false_positives_count():
     np.testing.assert_array_equal(conf, [[1, 0, 1, 0], [0, 2, 0, 0], [0, 0, 0, 0]])
     r = scores(conf)
     # Class 0 loses a pixel to class 2: IoU0 = 1/(2+1-1); class 2 is not in the mean.
-    assert r["per_class"][0]["iou"] == pytest.approx(1 / 2, abs=1e-15)
-    assert r["per_class"][1]["iou"] == 1.0
-    assert r["per_class"][2]["iou"] is None
+    assert r["per_class"][0]["IoU"] == pytest.approx(50, abs=1e-12)
+    assert r["per_class"][1]["IoU"] == 100.0
+    assert r["per_class"][2]["IoU"] is None and r["per_class"][2]["Acc"] is None
     assert r["per_class"][2]["pred_pixels"] == 1
     assert r["classes_in_mean"] == 2
-    assert r["miou"] == pytest.approx(3 / 4, abs=1e-15)
+    assert r["mIoU"] == pytest.approx(pct(3 / 4), abs=1e-12)
 
 
 def test_prediction_255_miss_coverage_and_confident():
@@ -76,20 +87,20 @@ def test_prediction_255_miss_coverage_and_confident():
     np.testing.assert_array_equal(conf, [[1, 1, 1], [1, 2, 1]])
     r = scores(conf)
     # (a) 255 = miss: IoU0 = 1/(3+2-1), IoU1 = 2/(4+3-2)
-    assert r["miou"] == pytest.approx((1 / 4 + 2 / 5) / 2, abs=1e-15)
-    assert r["pixel_accuracy"] == pytest.approx(3 / 7, abs=1e-15)
+    assert r["mIoU"] == pytest.approx(pct((1 / 4 + 2 / 5) / 2), abs=1e-12)
+    assert r["aAcc"] == pytest.approx(pct(3 / 7), abs=1e-12)
     assert [c["gt_pixels"] for c in r["per_class"]] == [3, 4]
     # (b) 5 of 7 valid GT pixels have a confident prediction
-    assert r["coverage"] == pytest.approx(5 / 7, abs=1e-15)
+    assert r["coverage"] == pytest.approx(pct(5 / 7), abs=1e-12)
     # (c) confident only: [[1,1],[1,2]] -> IoU0 = 1/(2+2-1), IoU1 = 2/(3+3-2)
-    assert r["miou_confident"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-15)
-    assert r["pixel_accuracy_confident"] == pytest.approx(3 / 5, abs=1e-15)
+    assert r["mIoU_confident"] == pytest.approx(pct((1 / 3 + 1 / 2) / 2), abs=1e-12)
+    assert r["aAcc_confident"] == pytest.approx(pct(3 / 5), abs=1e-12)
 
 
 def test_all_predictions_255():
     r = scores(confusion(np.array([[0, 1]]), np.array([[255, 255]]), 2))
-    assert r["miou"] == 0.0 and r["coverage"] == 0.0
-    assert r["miou_confident"] is None and r["pixel_accuracy_confident"] is None
+    assert r["mIoU"] == 0.0 and r["coverage"] == 0.0 and r["mAcc"] == 0.0
+    assert r["mIoU_confident"] is None and r["aAcc_confident"] is None
 
 
 def test_invalid_values_rejected():
@@ -181,6 +192,8 @@ def _expected_by_pixel_sets(gts: dict, preds: dict, num_classes: int = 21) -> di
         "miou": float(sum(Fraction(inter[c], union[c]) for c in present) / len(present)),
         "pixel_accuracy": float(Fraction(correct, valid_total)),
         "ious": [float(Fraction(inter[c], union[c])) if in_gt[c] else None for c in range(num_classes)],
+        "accs": [float(Fraction(inter[c], in_gt[c])) if in_gt[c] else None for c in range(num_classes)],
+        "macc": float(sum(Fraction(inter[c], in_gt[c]) for c in present) / len(present)),
         "in_gt": in_gt,
         "classes_in_mean": len(present),
         "coverage": float(Fraction(confident_total, valid_total)),
@@ -199,9 +212,9 @@ def test_voc_gt_against_itself(tmp_path):
     r = evaluate_dirs(tmp_path, VOC_GT, class_names=VOC_CLASSES)
     # GT void is ignored, so every counted pixel is right: all 21 classes occur, IoU 1.
     assert r["images"] == 19
-    assert r["miou"] == 1.0 and r["pixel_accuracy"] == 1.0
+    assert r["mIoU"] == 100.0 and r["aAcc"] == 100.0 and r["mAcc"] == 100.0
     assert r["classes_in_mean"] == 21
-    assert all(c["iou"] == 1.0 for c in r["per_class"])
+    assert all(c["IoU"] == 100.0 and c["Acc"] == 100.0 for c in r["per_class"])
     expected = _expected_by_pixel_sets(gts, preds)
     assert [c["gt_pixels"] for c in r["per_class"]] == expected["in_gt"]
     assert [c["pred_pixels"] for c in r["per_class"]] == expected["in_gt"]
@@ -224,14 +237,16 @@ def test_voc_perturbed(tmp_path):
     r = evaluate_dirs(tmp_path, VOC_GT, class_names=VOC_CLASSES)
     assert r["images"] == 19
     assert r["classes_in_mean"] == 21
-    assert [c["iou"] for c in r["per_class"]] == pytest.approx(expected["ious"], abs=1e-12)
-    assert r["per_class"][15]["iou"] == 0.0
-    assert r["per_class"][9]["iou"] == 0.0
-    assert r["miou"] == pytest.approx(expected["miou"], abs=1e-12)
-    assert r["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-12)
-    assert r["coverage"] == pytest.approx(expected["coverage"], abs=1e-12)
-    assert r["miou_confident"] == pytest.approx(expected["miou_confident"], abs=1e-12)
-    assert 0 < r["coverage"] < 1 and r["miou"] < r["miou_confident"] < 1
+    assert [c["IoU"] for c in r["per_class"]] == pytest.approx([pct(x) for x in expected["ious"]], abs=1e-12)
+    assert [c["Acc"] for c in r["per_class"]] == pytest.approx([pct(x) for x in expected["accs"]], abs=1e-12)
+    assert r["mAcc"] == pytest.approx(pct(expected["macc"]), abs=1e-12)
+    assert r["per_class"][15]["IoU"] == 0.0
+    assert r["per_class"][9]["IoU"] == 0.0
+    assert r["mIoU"] == pytest.approx(pct(expected["miou"]), abs=1e-12)
+    assert r["aAcc"] == pytest.approx(pct(expected["pixel_accuracy"]), abs=1e-12)
+    assert r["coverage"] == pytest.approx(pct(expected["coverage"]), abs=1e-12)
+    assert r["mIoU_confident"] == pytest.approx(pct(expected["miou_confident"]), abs=1e-12)
+    assert 0 < r["coverage"] < 100 and r["mIoU"] < r["mIoU_confident"] < 100
 
     # A subset through ids: only classes in those images' GT enter the mean.
     ids = ["2007_000549", "2007_000033"]  # cat; aeroplane
@@ -239,8 +254,8 @@ def test_voc_perturbed(tmp_path):
     exp_sub = _expected_by_pixel_sets({i: gts[i] for i in ids}, preds)
     assert sub["images"] == 2
     assert sub["classes_in_mean"] == 3
-    assert sub["miou"] == pytest.approx(exp_sub["miou"], abs=1e-12)
-    assert sub["per_class"][18]["iou"] is None and sub["per_class"][18]["pred_pixels"] > 0
+    assert sub["mIoU"] == pytest.approx(pct(exp_sub["miou"]), abs=1e-12)
+    assert sub["per_class"][18]["IoU"] is None and sub["per_class"][18]["pred_pixels"] > 0
     assert "coverage" not in sub
 
 
@@ -252,10 +267,11 @@ def test_format_table():
     lines = format_table(r, "Hand").splitlines()
     assert lines[0] == "Hand"
     rows = [line.split() for line in lines[2:5]]
-    assert rows == [["0", "bg", "50.0"], ["1", "cat", "100.0"], ["2", "dog", "-"]]
+    assert rows == [["0", "bg", "50.0", "50.0"], ["1", "cat", "100.0", "100.0"], ["2", "dog", "-", "-"]]
     text = "\n".join(lines)
     assert "mIoU: 75.0% over 2 classes" in text
-    assert "pixel accuracy: 75.0%" in text
+    assert "mAcc: 75.0%" in text
+    assert "aAcc (pixel accuracy): 75.0%" in text
     assert "images: 2" in text
     assert "coverage" not in text
 
@@ -264,7 +280,7 @@ def test_format_table():
     assert "mIoU: 32.5%" in text  # 13/40
     assert "coverage (prediction not 255): 71.4%" in text  # 5/7
     assert "mIoU on confident pixels: 41.7%" in text  # 5/12
-    assert "pixel accuracy on confident pixels: 60.0%" in text
+    assert "aAcc on confident pixels: 60.0%" in text
 
 
 def test_read_split_file(tmp_path):
@@ -285,6 +301,7 @@ def test_read_split_file(tmp_path):
 
 
 def test_voc_classes():
+    # Read from the bundled voc.json, the one place VOC's names live.
     assert len(VOC_CLASSES) == 21
     assert VOC_CLASSES[0] == "background" and VOC_CLASSES[15] == "person"
     assert VOC_CLASSES[-1] == "tvmonitor"
@@ -299,3 +316,46 @@ def test_a_16_bit_mask_value_past_255_is_an_error_not_a_wrapped_class(tmp_path):
         read_index_png(path)
     Image.fromarray(np.array([[0, 15], [20, 255]], dtype=np.uint16)).save(path)
     np.testing.assert_array_equal(read_index_png(path), [[0, 15], [20, 255]])
+
+
+# --- accumulate-then-compute, and mmseg's nanmean ---------------------------------------
+
+def test_semantic_metric_accumulates_like_evaluate_dirs(tmp_path):
+    gts = _voc_gt()
+    ids = sorted(gts)[:5]
+    metric = SemanticMetric(21, VOC_CLASSES)
+    for i in ids:
+        pred = np.where(gts[i] == 15, 0, gts[i])
+        _write(tmp_path, i, pred)
+        metric.process(gts[i], pred)
+    got = metric.compute_metrics()
+    assert got["images"] == 5
+    direct = evaluate_dirs(tmp_path, VOC_GT, ids=ids, class_names=VOC_CLASSES)
+    assert {k: v for k, v in direct.items() if k != "gt_without_prediction"} == got
+
+
+def _mmseg_nanmean(conf: np.ndarray) -> tuple[float, float]:
+    """mmseg's IoUMetric formulas, written out: histograms of intersect / pred / label over
+    valid pixels (predicted 255 falls outside the histogram range), then nanmean."""
+    n = conf.shape[0]
+    inter = np.diag(conf[:, :n]).astype(float)
+    label = conf.sum(axis=1).astype(float)
+    pred = conf[:, :n].sum(axis=0).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / (pred + label - inter)
+        acc = inter / label
+    return 100 * np.nanmean(iou), 100 * np.nanmean(acc)
+
+
+def test_present_class_rule_against_mmseg_nanmean():
+    gt = np.array([[0, 0, 1, 1, 255]])
+    # No class absent from the GT is predicted: the two rules agree (class 2 is 0/0 in both).
+    same = scores(confusion(gt, np.array([[0, 1, 1, 255, 2]]), 3))
+    miou, macc = _mmseg_nanmean(np.array(same["confusion"]))
+    assert same["mIoU"] == pytest.approx(miou, abs=1e-12) and same["mAcc"] == pytest.approx(macc, abs=1e-12)
+    # Class 2 (absent from the GT) predicted on a valid pixel: mmseg counts IoU_2 = 0, we leave it out.
+    differ = scores(confusion(gt, np.array([[0, 2, 1, 1, 0]]), 3))
+    miou, macc = _mmseg_nanmean(np.array(differ["confusion"]))
+    assert differ["mIoU"] == pytest.approx(100 * (1 / 2 + 1) / 2, abs=1e-12)   # IoU0 = 1/2, IoU1 = 1
+    assert miou == pytest.approx(100 * (1 / 2 + 1 + 0) / 3, abs=1e-12)
+    assert differ["mAcc"] == pytest.approx(macc, abs=1e-12)                      # mAcc: always the same

@@ -91,8 +91,8 @@ def test_metrics_json_matches_an_independent_evaluation(run_dir, voc_tree):
     for folder in ("initial", "crf"):
         conf = sum(confusion(read_index_png(voc_tree / "SegmentationClass" / f"{i}.png"),
                              read_index_png(run_dir / folder / f"{i}.png"), 21) for i in IDS)
-        assert metrics[folder]["miou"] == pytest.approx(scores(conf)["miou"], abs=1e-12)
-    assert 0 < metrics["masks"]["coverage"] <= 1
+        assert metrics[folder]["mIoU"] == pytest.approx(scores(conf)["mIoU"], abs=1e-12)
+    assert 0 < metrics["masks"]["coverage"] <= 100  # percent, as every metric
 
 
 def test_evaluate_command_prints_the_same_numbers(run_dir, voc_tree, tmp_path):
@@ -101,8 +101,8 @@ def test_evaluate_command_prints_the_same_numbers(run_dir, voc_tree, tmp_path):
                                    str(voc_tree / "SegmentationClass"), "--json", str(out_json)])
     assert res.exit_code == 0, res.output
     direct = evaluate_dirs(run_dir / "crf", voc_tree / "SegmentationClass")
-    assert json.loads(out_json.read_text())["miou"] == pytest.approx(direct["miou"])
-    assert f"{100 * direct['miou']:.1f}" in res.output and "horse" in res.output
+    assert json.loads(out_json.read_text())["mIoU"] == pytest.approx(direct["mIoU"])
+    assert f"{direct['mIoU']:.1f}" in res.output and "horse" in res.output
 
 
 def test_rerun_skips_finished_images(run_dir, voc_tree, tiny_model_dir):

@@ -53,8 +53,14 @@ def cli_command(root: Path, out: Path, model: Path, *extra: str) -> list[str]:
             *extra]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def child_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    """A child process that imports this checkout's text2mask (installed or not)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": path}
 
 
 # --------------------------------------------------------------------------------------

@@ -218,3 +218,54 @@ def test_weights_are_deterministic_per_seed_and_keep_global_rng(tiny_model_dir, 
                  "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (again / part).read_bytes() == (tiny_model_dir / part).read_bytes()
         assert (other / part).read_bytes() != (tiny_model_dir / part).read_bytes()
+
+
+# --- SD1 bytes are pinned; the SD2 layout -----------------------------------------------
+
+SD1_SEED0_SHA256 = {  # the tiny SD1 model as built before the SD2 variant existed
+    "unet/diffusion_pytorch_model.safetensors": "d79c005eae4721703c583672fbca328a4da9b9b0e86c1091a8b073a693b2fc23",
+    "vae/diffusion_pytorch_model.safetensors": "19edf3d2e04f0b48fa703be3006ca3b6a3927a005ab4311658d825fd08e729ff",
+    "text_encoder/model.safetensors": "874cbddc39af23eca55590ab033340e04e78a1edd42a2f99540df53d96d5a9d5",
+    "tokenizer/vocab.json": "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
+    "tokenizer/merges.txt": "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+}
+
+
+def test_sd1_seed0_bytes_are_unchanged(tiny_model_dir):
+    import hashlib
+
+    for part, digest in SD1_SEED0_SHA256.items():
+        assert hashlib.sha256((tiny_model_dir / part).read_bytes()).hexdigest() == digest, part
+
+
+def test_sd2_text_encoder_and_tokenizer_are_openclip_style(tiny_sd2_dir):
+    cfg = json.loads((tiny_sd2_dir / "text_encoder/config.json").read_text())
+    assert cfg["hidden_act"] == "gelu" and cfg["hidden_size"] == 48 and cfg["vocab_size"] == 49408
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 2, 1)  # as SD 2.x's config
+    tok = CLIPTokenizer.from_pretrained(tiny_sd2_dir, subfolder="tokenizer")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == (BOS, EOS, "!", 0)
+    padded = tok("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert padded == KNOWN_IDS["a photo of a cat"] + [0] * 70
+
+
+def test_sd2_unet_has_per_block_heads_and_linear_projections(tiny_sd2_dir):
+    from tiny_models import SD2_HEADS
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd2_dir, subfolder="unet")
+    assert list(unet.config.attention_head_dim) == list(SD2_HEADS) and unet.config.use_linear_projection
+    assert unet.config.cross_attention_dim == 48
+    down = [unet.down_blocks[i].attentions[0].transformer_blocks[0].attn1.heads for i in range(3)]
+    up = [unet.up_blocks[i].attentions[0].transformer_blocks[0].attn2.heads for i in (1, 2, 3)]
+    assert down == [2, 4, 8] and up == [8, 4, 2] and unet.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 8
+    assert isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    with torch.no_grad():
+        out = unet(torch.zeros(1, 4, 16, 16), 10, encoder_hidden_states=torch.zeros(1, 77, 48)).sample
+    assert out.shape == (1, 4, 16, 16)
+
+
+def test_sd2_v_prediction_option_and_family_check(tmp_path):
+    path = make_tiny_model(tmp_path / "v", family="sd2", prediction_type="v_prediction")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="family must be one of"):
+        make_tiny_model(tmp_path / "xl", family="sdxl")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from text2mask.evaluation.semantic import VOC_CLASSES, evaluate_dirs
+from text2mask.classes import load_class_set
+from text2mask.evaluation.semantic import evaluate_dirs
 from text2mask.io import read_image, read_index_png
 from text2mask.errors import InputError
 from text2mask.visualize import (
@@ -29,6 +30,7 @@ from text2mask.visualize import (
 )
 
 VOC = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"
+VOC_CLASSES = load_class_set("voc").names
 
 
 def photo_and_gt(key):
@@ -124,7 +126,7 @@ def test_overlay_with_legend_keeps_the_photo_size():
 def test_iou_bar_chart_size_and_title_classes(tmp_path):
     res = evaluate_dirs(VOC / "SegmentationClass", VOC / "SegmentationClass",
                         ids=["2007_000032", "2007_000039"], class_names=VOC_CLASSES)
-    present = [c for c in res["per_class"] if c["iou"] is not None]
+    present = [c for c in res["per_class"] if c["IoU"] is not None]
     assert 0 < len(present) < 21  # absent classes exist and must be left out
     path = iou_bar_chart(res, tmp_path / "chart.png")
     with Image.open(path) as im:
@@ -149,8 +151,10 @@ def run_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_visualize_run_writes_strips_and_index(run_dir, tmp_path):
-    index = visualize_run(run_dir, n=2, out=tmp_path / "vis", images=VOC / "JPEGImages")
+    pages = visualize_run(run_dir, n=2, out=tmp_path / "vis", images=VOC / "JPEGImages")
+    index = pages.index
     assert index == tmp_path / "vis" / "index.html"
+    assert len(pages.shown) == 2 and pages.skipped == {}
     ids = sorted(p.stem for p in (run_dir / "masks").glob("*.png"))[:2]
     assert sorted(p.stem for p in index.parent.glob("*.png")) == ids
     page = index.read_text()
@@ -172,7 +176,7 @@ def test_visualize_run_writes_strips_and_index(run_dir, tmp_path):
 def test_visualize_run_uses_the_recorded_image_folder(run_dir, tmp_path):
     doc = json.loads((run_dir / "run.json").read_text())
     assert doc["dataset"]["image_dir"] == str(VOC / "JPEGImages")
-    index = visualize_run(run_dir, n=16)
+    index = visualize_run(run_dir, n=16).index
     assert index == run_dir / "vis" / "index.html"
     assert len(list(index.parent.glob("*.png"))) == 3
 

@@ -1,8 +1,20 @@
-"""A tiny, randomly initialised Stable Diffusion v1 for tests and demos without the hub.
+"""Tiny, randomly initialised Stable Diffusion models (v1 and v2 layouts) for tests and
+demos without the hub.
 
-The layout matches SD v1 exactly where the attention-extraction code depends on it
-(16 cross-attention transformer blocks with 8 heads, x8 VAE downsampling, 77-token
-CLIP prompts with the real 49,408-entry vocabulary); only the channel widths shrink.
+The layouts match SD where the attention-extraction code depends on them (16
+cross-attention transformer blocks, x8 VAE downsampling, 77-token CLIP prompts with the
+real 49,408-entry vocabulary); only the channel widths shrink.
+
+- ``family="sd1"``: 8 heads in every block, conv projections in and out of the
+  transformer blocks, OpenAI-CLIP text encoder (quick_gelu), pad token = end of text.
+- ``family="sd2"``: per-block head counts (diffusers' ``attention_head_dim`` tuple, as in
+  SD 2.x's 5/10/20/20), linear projections, OpenCLIP-style text encoder (gelu; its config
+  keeps the placeholder bos/eos/pad ids 0/2/1 that SD 2.x's text_encoder config has), pad
+  token ``!`` (id 0) as SD 2.x's tokenizer, and an epsilon (512-base) or v-prediction
+  (768) scheduler.
+
+``ldm_checkpoint`` writes a tiny SD1 folder as one single-file checkpoint in the original
+(CompVis ldm) key layout, the format of ``sd-v1-4.ckpt``.
 """
 from __future__ import annotations
 
@@ -61,8 +73,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def build_clip_tokenizer(out_dir: str | os.PathLike) -> CLIPTokenizer:
-    """The SD v1 (OpenAI CLIP ViT-L/14) tokenizer, built offline and saved to `out_dir`."""
+# SD 2.x's tokenizer pads with "!" (id 0) where SD 1.x pads with the end-of-text token.
+PAD_TOKEN = {"sd1": _EOS, "sd2": "!"}
+FAMILIES = tuple(PAD_TOKEN)
+# Per-block head counts of the tiny SD2 UNet (down blocks; diffusers reverses them for
+# the up blocks): head widths 16, 8, 4 on 32 channels, as SD 2.x's 5/10/20 heads of 64.
+SD2_HEADS = (2, 4, 8, 8)
+
+
+def build_clip_tokenizer(out_dir: str | os.PathLike, pad_token: str = _EOS) -> CLIPTokenizer:
+    """The CLIP BPE tokenizer of SD 1.x (OpenAI CLIP ViT-L/14) and SD 2.x (OpenCLIP ViT-H/14,
+    the same BPE, padded with ``!``), built offline and saved to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = gzip.decompress(clip_bpe_path().read_bytes()).decode("utf-8").split("\n")
@@ -90,7 +111,7 @@ def build_clip_tokenizer(out_dir: str | os.PathLike) -> CLIPTokenizer:
         bos_token=_BOS,
         eos_token=_EOS,
         unk_token=_EOS,
-        pad_token=_EOS,
+        pad_token=pad_token,
         model_max_length=_MAX_LENGTH,
     )
     if len(tokenizer) != _VOCAB_SIZE:
@@ -99,71 +120,23 @@ def build_clip_tokenizer(out_dir: str | os.PathLike) -> CLIPTokenizer:
     return tokenizer
 
 
-def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Save a tiny random SD v1-layout model in diffusers format to `out_dir` and return it."""
+def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, family: str = "sd1",
+                    prediction_type: str = "epsilon") -> Path:
+    """Save a tiny random SD model of `family` ("sd1" or "sd2") in diffusers format to
+    `out_dir` and return it. `prediction_type` ("epsilon" or "v_prediction") goes into the
+    scheduler config, where diffusers keeps it."""
     # Deferred: importing the diffusers pipelines costs seconds and is only needed here.
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import StableDiffusionPipeline
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     out_dir = Path(out_dir)
-    text_hidden = 32
     # Fork so building a model never disturbs the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            # Constant width keeps the UNet smaller than the CLIP token embedding.
-            block_out_channels=(32, 32, 32, 32),
-            layers_per_block=2,
-            norm_num_groups=8,
-            cross_attention_dim=text_hidden,
-            # diffusers' SD v1 config calls the head count "attention_head_dim".
-            attention_head_dim=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=_VOCAB_SIZE,
-                hidden_size=text_hidden,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=_MAX_LENGTH,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
-    # steps_offset/clip_sample as in the released SD v1 scheduler configs; other values
-    # make StableDiffusionPipeline warn and rewrite the config.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        clip_sample=False,
-    )
-    tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
+        unet, vae, text_encoder = (_sd1_modules() if family == "sd1" else _sd2_modules())
+    scheduler = _scheduler(prediction_type)
+    tokenizer = build_clip_tokenizer(out_dir / "tokenizer", PAD_TOKEN[family])
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -177,6 +150,216 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # Lets every run on this model say loudly that its masks mean nothing.
     (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
-        "Randomly initialised tiny SD v1-layout model for tests and offline smoke runs.\n"
-        "Masks made with it are meaningless.\n")
+        f"Randomly initialised tiny {'SD v1' if family == 'sd1' else 'SD v2'}-layout model for tests "
+        "and offline smoke runs.\nMasks made with it are meaningless.\n")
     return out_dir
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def _unet(text_hidden: int, **layout):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        # Constant width keeps the UNet smaller than the CLIP token embedding.
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=text_hidden,
+        **layout,
+    )
+
+
+def _sd1_modules():
+    """UNet, VAE, text encoder of the SD1 layout (the order of construction fixes the bytes)."""
+    text_hidden = 32
+    # diffusers' SD v1 config calls the head count "attention_head_dim".
+    unet = _unet(text_hidden, attention_head_dim=8)
+    vae = _vae()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=_VOCAB_SIZE,
+            hidden_size=text_hidden,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=_MAX_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def _sd2_modules():
+    # A width other than SD1's 32 so that a model mixing the two families' parts fails.
+    text_hidden = 48
+    unet = _unet(text_hidden, attention_head_dim=SD2_HEADS, use_linear_projection=True)
+    vae = _vae()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=_VOCAB_SIZE,
+            hidden_size=text_hidden,
+            intermediate_size=53,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=_MAX_LENGTH,
+            hidden_act="gelu",
+            projection_dim=16,
+            # The values of SD 2.x's text_encoder/config.json (OpenCLIP's ids are in the tokenizer).
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    # steps_offset/clip_sample as in the released SD configs; other values make
+    # StableDiffusionPipeline warn and rewrite the config.
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
+
+
+# -- single-file checkpoints in the original ldm key layout ---------------------------------
+
+# sd-v1-4.ckpt nests the CLIP weights as transformers 4 did (text_model.*); transformers 5 flattened them.
+_LDM_UNET, _LDM_VAE, _LDM_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename_first(name: str, table) -> str:
+    for new, old in table:
+        if name.startswith(new + "."):
+            return old + name[len(new):]
+    raise KeyError(name)
+
+
+def ldm_unet_key(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    """The ldm (CompVis ``openaimodel.UNetModel``) name of a diffusers UNet parameter.
+
+    input_blocks: 0 = conv_in, then per level ``layers_per_block`` (resnet .0, attention .1)
+    and a downsampler (.0.op); middle_block: resnet, attention, resnet; output_blocks: per
+    level ``layers_per_block + 1`` (resnet .0, attention .1) and the upsampler after the
+    last (.1.conv, or .2.conv when the level has attention)."""
+    p = key.split(".")
+    top = ".".join(p[:-1])
+    if top in _UNET_TOP:
+        return f"{_UNET_TOP[top]}.{p[-1]}"
+    n = layers_per_block + 1
+    if p[0] in ("down_blocks", "up_blocks"):
+        level, kind, rest = int(p[1]), p[2], ".".join(p[4:])
+        j = int(p[3])
+        if p[0] == "down_blocks":
+            if kind == "downsamplers":
+                return f"input_blocks.{1 + level * n + layers_per_block}.0.op.{p[-1]}"
+            where = f"input_blocks.{1 + level * n + j}"
+        else:
+            if kind == "upsamplers":
+                return f"output_blocks.{level * n + layers_per_block}.{2 if up_has_attention[level] else 1}.conv.{p[-1]}"
+            where = f"output_blocks.{level * n + j}"
+        if kind == "resnets":
+            return f"{where}.0.{_rename_first(rest, _UNET_RESNET)}"
+        return f"{where}.1.{rest}"
+    if p[0] == "mid_block":
+        j, rest = int(p[2]), ".".join(p[3:])
+        if p[1] == "resnets":
+            return f"middle_block.{2 * j}.{_rename_first(rest, _UNET_RESNET)}"
+        return f"middle_block.1.{rest}"
+    raise KeyError(key)
+
+
+def ldm_vae_key(key: str, num_levels: int) -> str:
+    """The ldm (``AutoencoderKL`` of taming/ldm) name of a diffusers VAE parameter; the
+    decoder's levels are numbered from the bottom in ldm."""
+    p = key.split(".")
+    if p[0] in ("quant_conv", "post_quant_conv") or p[1] in ("conv_in", "conv_out"):
+        return key
+    side = p[0]
+    if p[1] == "conv_norm_out":
+        return f"{side}.norm_out.{p[-1]}"
+    if p[1] == "mid_block":
+        rest = ".".join(p[4:])
+        if p[2] == "resnets":
+            return f"{side}.mid.block_{int(p[3]) + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{side}.mid.attn_1.{_rename_first(rest, _VAE_ATTENTION.items())}"
+    level = int(p[2]) if side == "encoder" else num_levels - 1 - int(p[2])
+    name = "down" if side == "encoder" else "up"
+    if p[3] in ("downsamplers", "upsamplers"):
+        return f"{side}.{name}.{level}.{'downsample' if side == 'encoder' else 'upsample'}.conv.{p[-1]}"
+    rest = ".".join(p[5:]).replace("conv_shortcut", "nin_shortcut")
+    return f"{side}.{name}.{level}.block.{p[4]}.{rest}"
+
+
+def ldm_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers SD 1.x folder under ldm names, as in ``sd-v1-4.ckpt``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    model_dir = Path(model_dir)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    if unet.config.use_linear_projection:
+        raise ValueError("ldm_state_dict writes the SD 1.x layout (OpenAI CLIP text encoder) only")
+    up_attention = [hasattr(b, "attentions") for b in unet.up_blocks]
+    out = {}
+    for k, t in unet.state_dict().items():
+        out[_LDM_UNET + ldm_unet_key(k, unet.config.layers_per_block, up_attention)] = t
+    for k, t in vae.state_dict().items():
+        name = ldm_vae_key(k, len(vae.config.down_block_types))
+        # ldm's VAE attention projections are 1x1 convolutions.
+        if ".mid.attn_1." in name and name.endswith("weight") and t.ndim == 2:
+            t = t[:, :, None, None]
+        out[_LDM_VAE + name] = t
+    for k, t in text_encoder.state_dict().items():
+        out[_LDM_CLIP + k] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_ldm_checkpoint(model_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """A single-file checkpoint of a tiny SD1 folder: ``.safetensors`` (flat) or ``.ckpt``
+    (a pickle {"state_dict": ..., "global_step": 0}, as the CompVis training code saves)."""
+    path = Path(path)
+    state = ldm_state_dict(model_dir)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    return path

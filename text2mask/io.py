@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +65,22 @@ def read_index_png(path: str | os.PathLike) -> np.ndarray:
     return a.astype(np.uint8, copy=False)
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path``, named ``.<name>.<random>.tmp``. Created with mode
+    0666 so the kernel applies the process's umask (mkstemp's fixed 0600 would make a
+    shared run folder unreadable to the group)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file for {path.name}")
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -100,6 +113,10 @@ def write_index_png(path: str | os.PathLike, labels: np.ndarray) -> None:
 
 def write_png(path: str | os.PathLike, image: Image.Image) -> None:
     _atomic(Path(path), lambda f: image.save(f, format="PNG"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic(Path(path), lambda f: f.write(data))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

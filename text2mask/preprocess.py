@@ -3,6 +3,9 @@
 r = max(h/w, w/h) picks the long side L (1024, 960, 896, 832, 768 or 704); the short side
 becomes int(L * short / long); bilinear resize, then pad right/bottom with (123, 117, 104)
 up to a multiple of 64. Masks are cropped back by the same geometry.
+
+``prepare_square`` is the other input convention (SLiMe, DiffewS): a bilinear squash to
+size x size (512 for SD 1.x/2.x-base), aspect ratio not kept, no padding.
 """
 from __future__ import annotations
 
@@ -65,6 +68,16 @@ def prepare(rgb: np.ndarray, geo: Geometry) -> torch.Tensor:
     canvas[...] = PAD_RGB
     canvas[: geo.resized_height, : geo.resized_width] = np.asarray(img)
     x = torch.from_numpy(canvas).permute(2, 0, 1).float() / 255.0
+    return x * 2.0 - 1.0
+
+
+def prepare_square(rgb: np.ndarray, size: int = 512) -> torch.Tensor:
+    """(3, size, size) float32 in [-1, 1]: bilinear resize (PIL) of the whole photo to a
+    square, aspect ratio not kept; maps are resized back to (h, w) by the caller."""
+    if size < 8 or size % 8:
+        raise ValueError(f"square size must be a positive multiple of 8 (the VAE's factor), got {size}")
+    img = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
     return x * 2.0 - 1.0
 
 

@@ -1,14 +1,148 @@
-"""The ``text2mask`` command: global options, then one command group per method."""
+"""The ``text2mask`` command: global options, then one command group per method.
+
+Global options: ``-v`` (debug messages, and the traceback of a crash), ``-q`` (warnings
+and errors only), ``--version``. Messages go to stderr through the ``text2mask`` logger
+(``text2mask.log``); results a command prints (a table, a path) go to stdout.
+
+Exit codes, the same for every command (``text2mask.errors``):
+
+    0    finished; every item written
+    1    finished, but some items failed (each one named)
+    2    configuration error, found before any work: bad option, input file, model,
+         output folder (one line ``error: ...`` naming the file, the id and the cause)
+    3    crashed: an unexpected error (one line; ``-v`` shows the traceback)
+    130  interrupted (Ctrl-C)
+
+Every method's CLI reuses two helpers from this module:
+
+``exits``
+    decorator for a command body (put it under ``@app.command()``); it maps
+    ``ConfigError`` and its subclasses to exit 2, ``KeyboardInterrupt`` to exit 130
+    and any other exception to exit 3, each with one line on stderr. ``typer.Exit``
+    and click's usage errors pass through untouched. A body returns normally for
+    exit 0 and raises ``typer.Exit(EXIT_FAILED_ITEMS)`` when some items failed::
+
+        @app.command()
+        @exits
+        def mycommand(device: str = DEVICE_OPTION, dtype: Dtype = DTYPE_OPTION):
+            device = check_device(device)   # before any model work
+            ...
+
+``check_device`` / ``Dtype``
+    ``--device`` is free text (auto, cpu, cuda, cuda:N, mps), checked against this
+    machine before any model loads; ``--dtype`` is a choice.
+
+``parse_shard`` / ``quiet_libraries``
+    ``--shard I/N`` for job arrays; silencing diffusers/transformers before a model loads.
+"""
 from __future__ import annotations
 
+import functools
+import os
+import re
+from enum import Enum
 from typing import Optional
 
 import typer
 
 from .. import __version__
+from ..errors import EXIT_CONFIG, EXIT_CRASHED, EXIT_INTERRUPTED, ConfigError
+from ..log import get
+
+log = get(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Segmentation masks from the attention inside Stable Diffusion.")
+
+
+def exits(command):
+    """Run a command body under the exit-code contract of this module's docstring."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as e:
+            log.error(str(e))
+            raise typer.Exit(EXIT_CONFIG) from None
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort, typer.TyperException, SystemExit):
+            raise  # typer.Exit, and usage errors (BadParameter) that typer reports itself (exit 2)
+        except Exception as e:  # noqa: BLE001 - the one place an unexpected error becomes a message
+            log.debug("traceback of the crash:", exc_info=True)
+            text = str(e).splitlines()[0] if str(e) else ""
+            log.error(f"{type(e).__name__}: {text} (crashed; rerun with -v for the traceback)"
+                      if text else f"{type(e).__name__} (crashed; rerun with -v for the traceback)")
+            raise typer.Exit(EXIT_CRASHED) from None
+
+    return run
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (auto, cpu, cuda, cuda:N, mps); a ConfigError
+    naming what it has otherwise. Cheap: nothing is loaded onto the device."""
+    import torch
+
+    d = device.strip().lower()
+    if d in ("auto", "cpu"):
+        return d
+    m = _CUDA.fullmatch(d)
+    if m:
+        if not torch.cuda.is_available():
+            built = "built with CUDA, but no GPU is visible" if torch.backends.cuda.is_built() else "a CPU-only build"
+            raise ConfigError(f"--device {device}: no CUDA GPU on this machine (torch {torch.__version__}: "
+                              f"{built}); use --device cpu")
+        n = torch.cuda.device_count()
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise ConfigError(f"--device {device}: this machine has {n} CUDA device(s): "
+                              + ", ".join(f"cuda:{i}" for i in range(n)))
+        return d
+    if d == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: Apple's MPS backend is not available here; use --device cpu")
+        return d
+    raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
+DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
+DTYPE_HELP = "auto: fp16 on CUDA, fp32 otherwise."
+
+
+def quiet_libraries() -> None:
+    """Library chatter (loading bars, advisory notices) would bury our own messages."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``--shard I/N`` (0-based I) as (I, N); None when not given."""
+    if not shard:
+        return None
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {shard!r}: use I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {shard}: need 0 <= I < N")
+    return i, n
 
 
 def _version(value: bool) -> None:
@@ -19,8 +153,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More messages (-vv: debug)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="Debug messages, and the traceback of a crash."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Print the version and exit."),
 ) -> None:
@@ -31,3 +166,10 @@ def _root(
 
 # The WSSS commands stay at the top level, where the first release put them.
 from . import wsss  # noqa: E402,F401  (registers its commands on ``app``)
+from . import slime as _slime  # noqa: E402
+app.add_typer(_slime.app, name="slime")
+from . import fewshot as _fewshot  # noqa: E402
+app.add_typer(_fewshot.app, name="fewshot")
+
+# Personalized referring segmentation: `refer` and `personalize` (top level, like the WSSS commands).
+from . import refer as _refer  # noqa: E402,F401  (registers its commands on ``app``)

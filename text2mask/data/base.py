@@ -25,7 +25,7 @@ class Dataset:
     class_set: ClassSet
     samples: list[Sample]
     label_source: str                 # where the image-level labels came from
-    gt_dir: Path | None = None
+    gt_dir: Path | None = None        # the preferred ground-truth folder; per image: Sample.gt
     notes: list[str] = field(default_factory=list)   # warnings worth showing the user
     # Reads a sample's labels when they were not known up front (e.g. from its GT mask),
     # so that one unreadable file fails that image only.
@@ -33,6 +33,12 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def gt_dirs(self) -> list[Path]:
+        """The folders holding the samples' ground truth, in first-use order (VOC's may
+        lie in SegmentationClassAug/ and SegmentationClass/)."""
+        return list(dict.fromkeys(s.gt.parent for s in self.samples if s.gt is not None))
 
     def labels(self, sample: Sample) -> tuple[int, ...]:
         if sample.classes is not None:
@@ -52,7 +58,7 @@ def read_split_file(path: str | os.PathLike, notes: list[str] | None = None) -> 
     be processed and counted twice); ``notes`` receives a line saying so."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors start a file with a BOM
     except FileNotFoundError:
         raise InputError(f"{path}: split file not found") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -76,6 +76,7 @@ def read_annotations(path: str | Path) -> COCO:
                if not isinstance(doc, dict) or not isinstance(doc.get(k), list)]
     if missing:
         raise DatasetError(f"{path}: not a COCO instances file (no {', '.join(missing)} list)")
+    _check_entries(doc, path)
     coco = COCO()
     coco.dataset = doc
     try:
@@ -84,6 +85,99 @@ def read_annotations(path: str | Path) -> COCO:
     except (KeyError, TypeError) as e:
         raise DatasetError(f"{path}: malformed COCO annotation file ({type(e).__name__}: {e})") from None
     return coco
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_entries(doc: dict, path: Path) -> None:
+    """Every field the labels and the ground-truth rendering read, checked up front so
+    that a bad entry is one message naming it, not a traceback halfway through."""
+    for c in doc["categories"]:
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise DatasetError(f"{path}: category {_show(c)} needs an integer 'id' and a 'name' string")
+    sizes: dict[int, tuple[int, int]] = {}
+    for im in doc["images"]:
+        if not isinstance(im, dict) or not _is_int(im.get("id")) or not isinstance(im.get("file_name"), str):
+            raise DatasetError(f"{path}: image {_show(im)} needs an integer 'id' and a 'file_name' string")
+        h, w = im.get("height"), im.get("width")
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            raise DatasetError(f"{path}: image {im['id']} ({im['file_name']}): height and width must be positive "
+                               f"integers, got height={h!r}, width={w!r}")
+        sizes[im["id"]] = (h, w)
+    for a in doc["annotations"]:
+        if not isinstance(a, dict) or not all(_is_int(a.get(k)) for k in ("id", "image_id", "category_id")):
+            raise DatasetError(f"{path}: annotation {_show(a)} needs integer 'id', 'image_id' and 'category_id'")
+        where = f"{path}: annotation {a['id']} (image {a['image_id']})"
+        if a["image_id"] not in sizes:
+            raise DatasetError(f"{where}: no image with that id in the file")
+        problem = _segmentation_problem(a.get("segmentation"), sizes[a["image_id"]])
+        if problem:
+            raise DatasetError(f"{where}: {problem}")
+
+
+def _show(entry) -> str:
+    text = json.dumps(entry)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
+    """Why ``seg`` is no valid COCO segmentation of an image of ``size`` (h, w), or None.
+    Polygons: lists of x, y numbers, at least 3 points. RLE: ``size`` [h, w] equal to the
+    image's and ``counts`` (a list, or COCO's compressed string) covering h * w pixels."""
+    if seg is None:
+        return "no 'segmentation'"
+    if isinstance(seg, list):
+        for poly in seg:
+            if not (isinstance(poly, list) and all(_is_number(v) for v in poly)):
+                return f"a polygon must be a list of numbers, got {_show(poly)}"
+            if len(poly) < 6 or len(poly) % 2:
+                return f"a polygon needs x, y pairs of at least 3 points, got {len(poly)} number(s)"
+        return None
+    if not isinstance(seg, dict):
+        return f"'segmentation' must be polygons or an RLE object, got {_show(seg)}"
+    if list(seg.get("size", ())) != list(size):
+        return f"RLE size {seg.get('size')!r} differs from the image's [height, width] {list(size)}"
+    counts = seg.get("counts")
+    if isinstance(counts, str):
+        counts = _rle_counts(counts)
+        if counts is None:
+            return "RLE 'counts' is not a valid compressed COCO RLE string"
+    elif not (isinstance(counts, list) and all(_is_int(c) for c in counts)):
+        return "RLE 'counts' must be a list of integers or a compressed COCO RLE string"
+    if any(c < 0 for c in counts) or sum(counts) != size[0] * size[1]:
+        return f"RLE runs cover {sum(counts)} pixels, not the image's {size[0]} x {size[1]} = {size[0] * size[1]}"
+    return None
+
+
+def _rle_counts(text: str) -> list[int] | None:
+    """Run lengths of a compressed COCO RLE string (pycocotools' rleFrString: 5-bit
+    groups in characters from '0', a continuation bit, sign extension, runs after the
+    second coded as differences), or None if the string is malformed."""
+    counts: list[int] = []
+    chars, p = text.encode("ascii", "replace"), 0
+    while p < len(chars):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(chars):
+                return None
+            c = chars[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
 
 
 def category_ids(coco: COCO, class_set: ClassSet, path: Path) -> tuple[int, ...]:
@@ -205,6 +299,6 @@ def load_coco(root: str | Path, split: str = "train", images_dir: str | Path | N
         notes.append(f"{unlabeled} image(s) have no annotations; their masks will be all background")
     if absent:
         notes.append(f"{len(absent)} of {len(samples)} annotated image(s) are not in {images} (first: {absent[0]})")
-    return CocoDataset("coco", split, cs, samples, f"instance annotations ({ann_path})",
+    return CocoDataset("coco", split, cs, samples, f"instance annotations ({Path(ann_path).absolute()})",
                        cache if cache.is_dir() else None, notes,
                        annotations=ann_path, gt_cache=cache, cat_ids=cat_ids, image_ids=image_ids)

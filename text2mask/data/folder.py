@@ -115,4 +115,4 @@ def load_folder(images_dir: str | Path, labels_file: str | Path, class_set: Clas
                      f"and are left out (first: {unlabeled[0]})")
     if missing:
         notes.append(f"{len(missing)} listed image(s) are not in {images_dir} (first: {missing[0]})")
-    return Dataset("folder", "all", cs, samples, f"labels file ({labels_file})", None, notes)
+    return Dataset("folder", "all", cs, samples, f"labels file ({labels_file.absolute()})", None, notes)

@@ -1,19 +1,34 @@
-"""Stage 2 — capture attention probabilities from chosen UNet transformer blocks.
+"""Capture attention from chosen UNet transformer blocks (SD 1.x and 2.x).
 
-SD v1's UNet has 16 transformer blocks; we number them in forward order (down, mid, up),
-which is NOT ``named_modules()`` order (that lists the mid block last). Only the hooked
-blocks compute explicit probabilities; every other block keeps diffusers' fused
-attention. Once the last hooked block has run, the rest of the UNet cannot change any
-captured map, so the forward pass is stopped there.
+The UNets of SD 1.x and 2.x have 16 transformer blocks; we number them in forward order
+(down, mid, up), which is NOT ``named_modules()`` order (that lists the mid block last).
+The two families differ only inside a block (head counts per block, linear instead of
+conv projections), which the capture does not depend on.
+
+Only the hooked attention layers compute explicit probabilities
+
+    P = softmax(Q K^T / sqrt(d))      per head, in fp32 (or float64); handed over as the head mean
+
+every other layer keeps diffusers' fused attention. A hooked layer returns the same
+output as the processor it replaced, so the activations downstream do not change. Once
+the last hooked layer has run, the rest of the UNet cannot change any captured map: with
+``stop_early`` the forward pass is stopped there.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 
+from ..errors import ModelLoadError
+
 CROSS_BLOCKS = (4, 5, 6, 7, 8)
 SELF_BLOCK = 11
+NUM_BLOCKS = 16
+LAYOUT = ("SD 1.x/2.x UNet: 16 transformer blocks (6 down, 1 mid, 9 up), one transformer layer "
+          "each, with a self-attention attn1 and a cross-attention attn2")
 
 
 @dataclass(frozen=True)
@@ -37,44 +52,138 @@ def transformer_blocks(unet) -> list[Block]:
 
     for i, b in enumerate(unet.down_blocks):
         add(f"down_blocks.{i}", b, 2 ** i)
-    add("mid_block", unet.mid_block, 2 ** (n_down - 1))
+    if unet.mid_block is not None:
+        add("mid_block", unet.mid_block, 2 ** (n_down - 1))
     for j, b in enumerate(unet.up_blocks):
         add(f"up_blocks.{j}", b, 2 ** (len(unet.up_blocks) - 1 - j))
     return blocks
 
 
+def check_layout(unet) -> list[Block]:
+    """The 16 blocks of an SD 1.x/2.x UNet, or ModelLoadError describing what was found
+    (e.g. SDXL: 11 blocks with 2 or 10 transformer layers)."""
+    blocks = transformer_blocks(unet)
+    found = []
+    for b in blocks:
+        layers = unet.get_submodule(b.name).transformer_blocks
+        first = layers[0]
+        attn2 = getattr(first, "attn2", None)
+        if len(layers) != 1 or attn2 is None or not attn2.is_cross_attention:
+            found.append(f"{b.name}: {len(layers)} transformer layer(s)"
+                         f"{'' if attn2 is not None and attn2.is_cross_attention else ', no cross-attention'}")
+    if len(blocks) != NUM_BLOCKS or found:
+        layers = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+        raise ModelLoadError(
+            f"unknown UNet layout for attention capture: found {len(blocks)} transformer blocks "
+            f"(down block types {list(unet.config.down_block_types)})"
+            f"{'; ' + layers if layers else ''}. Supported: {LAYOUT} (SDXL and others are not).")
+    return blocks
+
+
+@contextmanager
+def swap_processors(unet, processors: dict) -> Iterator[dict]:
+    """Install ``{processor_key: processor}`` on the UNet and restore the original processors
+    on exit (also after an error). Yields the originals."""
+    saved = dict(unet.attn_processors)
+    unknown = sorted(set(processors) - set(saved))
+    if unknown:
+        raise KeyError(f"no attention layer {unknown[0]!r} in this UNet ({len(unknown)} unknown keys)")
+    unet.set_attn_processor({**saved, **processors})
+    try:
+        yield saved
+    finally:
+        unet.set_attn_processor(saved)
+
+
 class _Done(Exception):
-    """Raised after the last hooked block: the remaining UNet layers are not needed."""
+    """Raised after the last hooked layer: the remaining UNet layers are not needed."""
+
+
+def _stock_processor_types() -> tuple[type, ...]:
+    """diffusers' processors that project with the layer's own to_q/to_k/to_v/to_out."""
+    from diffusers.models import attention_processor as ap
+
+    names = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
+             "SlicedAttnProcessor", "FusedAttnProcessor2_0")
+    return tuple(getattr(ap, n) for n in names if hasattr(ap, n))
+
+
+def _custom_diffusion_types() -> tuple[type, ...]:
+    from diffusers.models import attention_processor as ap
+
+    names = ("CustomDiffusionAttnProcessor", "CustomDiffusionAttnProcessor2_0",
+             "CustomDiffusionXFormersAttnProcessor")
+    return tuple(getattr(ap, n) for n in names if hasattr(ap, n))
+
+
+def _projections(processor, key: str):
+    """The weights a replaced processor projects with: None for the layer's own, the
+    processor itself for Custom Diffusion; any other processor is refused."""
+    # Exact types: a subclass may compute something else.
+    if type(processor) in _stock_processor_types():
+        return None
+    if type(processor) in _custom_diffusion_types():
+        return processor
+    raise NotImplementedError(
+        f"attention capture cannot replace the processor {type(processor).__module__}."
+        f"{type(processor).__qualname__} of {key}: it only knows diffusers' stock processors and "
+        f"Custom Diffusion's; merge its weights into the UNet first")
 
 
 class _ProbabilityProcessor:
     """Attention with explicit softmax(QK^T/sqrt(d)) probabilities (in fp32), averaged
-    over heads and handed to the store. Same output as the fused processor."""
+    over heads and handed to the store. Same output as the processor it replaces."""
 
-    def __init__(self, store: "AttentionCapture", block: Block, kind: str, last: bool):
-        self.store, self.block, self.kind, self.last = store, block, kind, last
+    def __init__(self, store: "AttentionCapture", block: Block, kind: str, last: bool, custom=None):
+        self.store, self.block, self.kind, self.last, self.custom = store, block, kind, last, custom
+
+    def _qkv(self, attn, hidden_states, context, cross: bool):
+        cd = self.custom
+        q = cd.to_q_custom_diffusion(hidden_states) if cd is not None and cd.train_q_out else attn.to_q(hidden_states)
+        if cd is not None and cd.train_kv:
+            # As diffusers' CustomDiffusionAttnProcessor: states in the custom weights' dtype,
+            # results in the query weights' dtype; the first (start) token's K/V get no gradient.
+            k = cd.to_k_custom_diffusion(context.to(cd.to_k_custom_diffusion.weight.dtype)).to(attn.to_q.weight.dtype)
+            v = cd.to_v_custom_diffusion(context.to(cd.to_v_custom_diffusion.weight.dtype)).to(attn.to_q.weight.dtype)
+            if cross:
+                k = torch.cat([k[:, :1].detach(), k[:, 1:]], dim=1)
+                v = torch.cat([v[:, :1].detach(), v[:, 1:]], dim=1)
+        else:
+            k, v = attn.to_k(context), attn.to_v(context)
+        return q, k, v
+
+    def _out(self, attn, out):
+        cd = self.custom
+        if cd is not None and cd.train_q_out:
+            return cd.to_out_custom_diffusion[1](cd.to_out_custom_diffusion[0](out))
+        return attn.to_out[1](attn.to_out[0](out))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
-            raise NotImplementedError("attention capture supports SD v1 transformer blocks only")
+        unsupported = [n for n in ("spatial_norm", "group_norm", "norm_cross", "norm_q", "norm_k")
+                       if getattr(attn, n, None) is not None]
+        if unsupported or hidden_states.ndim != 3:
+            raise NotImplementedError(
+                f"attention capture supports SD 1.x/2.x transformer blocks only; {self.block.name} "
+                f"{self.kind} has {', '.join(unsupported) or f'{hidden_states.ndim}-d hidden states'}")
         residual = hidden_states
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
         b = hidden_states.shape[0]
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(context)
-        v = attn.to_v(context)
+        q, k, v = self._qkv(attn, hidden_states, context, cross)
         h = attn.heads
         d = q.shape[-1] // h
         q, k, v = (t.view(b, -1, h, d).transpose(1, 2) for t in (q, k, v))
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        # At least fp32 (fp16/bf16 UNets too); a float64 UNet stays float64.
+        work = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             logits = logits + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         probs = logits.softmax(dim=-1)
-        self.store._record(self.block, self.kind, probs.mean(dim=1))
-        if self.last:
+        self.store._record(self.block, self.kind, probs.mean(dim=1), logits)
+        if self.last and self.store.stop_early:
             raise _Done
         out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(b, -1, h * d)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = self._out(attn, out)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
@@ -84,46 +193,69 @@ class _ProbabilityProcessor:
 class CapturedMaps:
     """Head-averaged attention of one forward pass.
 
-    cross: {block index: (B, h, w, tokens)} from ``attn2``; self_attn: (B, N, N) from
-    ``attn1`` of the self block, rows = queries (row-stochastic); grid: its (h, w)."""
+    cross: {block index: (B, h, w, tokens)} probabilities from ``attn2``;
+    cross_logits: {block index: (B, h, w, K)} head-mean pre-softmax logits Q K^T / sqrt(d)
+    of the K requested token columns; self_attn: (B, N, N) from ``attn1``, averaged over
+    the self blocks, rows = queries (row-stochastic); grid: its (h, w); output: the UNet
+    output (``stop_early=False`` only)."""
 
     cross: dict[int, torch.Tensor] = field(default_factory=dict)
+    cross_logits: dict[int, torch.Tensor] = field(default_factory=dict)
     self_attn: torch.Tensor | None = None
     grid: tuple[int, int] = (0, 0)
+    output: torch.Tensor | None = None
 
 
 class AttentionCapture:
     """Context manager in the spirit of DAAM's ``trace``: hooks the cross-attention of
-    ``cross_blocks`` and the self-attention of ``self_block`` and hands back the maps.
+    ``cross_blocks`` and the self-attention of ``self_blocks`` and hands back the maps.
 
-        with AttentionCapture(unet) as cap:
+        with AttentionCapture(unet, (4, 5, 6, 7, 8), (11,)) as cap:
             maps = cap.run(latents, t, text_embeddings)
+
+    Works under autograd when the caller enables it (maps and output are differentiable).
     """
 
-    def __init__(self, unet, cross_blocks=CROSS_BLOCKS, self_block=SELF_BLOCK):
+    def __init__(self, unet, cross_blocks: Sequence[int] = CROSS_BLOCKS,
+                 self_blocks: Sequence[int] = (SELF_BLOCK,), *,
+                 cross_logits_tokens: Sequence[int] | None = None, stop_early: bool = True):
         self.unet = unet
-        blocks = transformer_blocks(unet)
-        if len(blocks) != 16:
-            raise ValueError(f"expected the 16 transformer blocks of SD v1's UNet, found {len(blocks)}")
-        self.cross_blocks = tuple(blocks[i] for i in cross_blocks)
-        self.self_block = blocks[self_block]
+        blocks = check_layout(unet)
+        bad = [i for i in (*cross_blocks, *self_blocks) if not 0 <= i < NUM_BLOCKS]
+        if bad:
+            raise ValueError(f"block indices must lie in 0..{NUM_BLOCKS - 1}, got {bad}")
+        self.cross_blocks = tuple(blocks[i] for i in sorted(set(cross_blocks)))
+        self.self_blocks = tuple(blocks[i] for i in sorted(set(self_blocks)))
+        if len({b.factor for b in self.self_blocks}) > 1:
+            raise ValueError("self blocks are averaged and must share one grid; got blocks "
+                             f"{[(b.index, f'latent/{b.factor}') for b in self.self_blocks]}")
+        if not self.cross_blocks and not self.self_blocks:
+            raise ValueError("nothing to capture: no cross and no self blocks")
+        self.logit_tokens = None if cross_logits_tokens is None else torch.as_tensor(
+            list(cross_logits_tokens), dtype=torch.long)
+        self.stop_early = stop_early
         self._latent_hw = (0, 0)
         self._maps = CapturedMaps()
-        self._saved = None
+        self._self_parts: list[torch.Tensor] = []
+        self._swap = None
 
     def __enter__(self) -> "AttentionCapture":
-        self._saved = dict(self.unet.attn_processors)
-        hooked = [(b, "attn2") for b in self.cross_blocks] + [(self.self_block, "attn1")]
+        hooked = [(b, "attn2") for b in self.cross_blocks] + [(b, "attn1") for b in self.self_blocks]
         # attn1 runs before attn2 inside a block.
         last = max(hooked, key=lambda bk: (bk[0].index, bk[1]))
-        procs = dict(self._saved)
+        current = self.unet.attn_processors
+        procs = {}
         for b, kind in hooked:
-            procs[b.processor_key(kind)] = _ProbabilityProcessor(self, b, kind, last=(b, kind) == last)
-        self.unet.set_attn_processor(procs)
+            key = b.processor_key(kind)
+            custom = _projections(current[key], key)
+            procs[key] = _ProbabilityProcessor(self, b, kind, last=(b, kind) == last, custom=custom)
+        self._swap = swap_processors(self.unet, procs)
+        self._swap.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.unet.set_attn_processor(self._saved)
+        swap, self._swap = self._swap, None
+        swap.__exit__(*exc)
 
     def _grid(self, block: Block, n: int) -> tuple[int, int]:
         lh, lw = self._latent_hw
@@ -132,25 +264,35 @@ class AttentionCapture:
             raise RuntimeError(f"block {block.index} ({block.name}) has {n} positions, expected {gh}x{gw}")
         return gh, gw
 
-    def _record(self, block: Block, kind: str, probs: torch.Tensor) -> None:
+    def _record(self, block: Block, kind: str, probs: torch.Tensor, logits: torch.Tensor) -> None:
         gh, gw = self._grid(block, probs.shape[1])
         if kind == "attn2":
             self._maps.cross[block.index] = probs.reshape(probs.shape[0], gh, gw, probs.shape[-1])
+            if self.logit_tokens is not None:
+                cols = logits[..., self.logit_tokens.to(logits.device)].mean(dim=1)
+                self._maps.cross_logits[block.index] = cols.reshape(cols.shape[0], gh, gw, cols.shape[-1])
         else:
-            self._maps.self_attn = probs
+            self._self_parts.append(probs)
             self._maps.grid = (gh, gw)
 
     def run(self, latents: torch.Tensor, timestep, text_embeddings: torch.Tensor) -> CapturedMaps:
-        """One UNet forward (stopped after the last hooked block); returns the maps."""
+        """One UNet forward (stopped after the last hooked layer if ``stop_early``); returns the maps."""
+        if self._swap is None:
+            raise RuntimeError("AttentionCapture.run() must be called inside `with AttentionCapture(...)`")
         self._latent_hw = tuple(latents.shape[-2:])
-        self._maps = CapturedMaps()
+        self._maps, self._self_parts = CapturedMaps(), []
         try:
-            self.unet(latents, timestep, encoder_hidden_states=text_embeddings)
+            out = self.unet(latents, timestep, encoder_hidden_states=text_embeddings)
+            self._maps.output = out.sample
         except _Done:
             pass
-        maps, self._maps = self._maps, CapturedMaps()
+        maps, parts = self._maps, self._self_parts
+        self._maps, self._self_parts = CapturedMaps(), []
+        if parts:
+            maps.self_attn = parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
         missing = [b.index for b in self.cross_blocks if b.index not in maps.cross]
-        if missing or maps.self_attn is None:
-            raise RuntimeError(f"attention of blocks {missing or [self.self_block.index]} was not captured")
+        if len(parts) != len(self.self_blocks):
+            missing += [b.index for b in self.self_blocks]
+        if missing:
+            raise RuntimeError(f"attention of blocks {missing} was not captured")
         return maps
-

@@ -1,31 +1,57 @@
-"""Loading the parts of Stable Diffusion v1 the method uses (model I/O lives here only).
+"""Loading the parts of Stable Diffusion 1.x / 2.x the methods use (model I/O lives here only).
 
 VAE, UNet, CLIP text encoder, tokenizer and the DDPM noise schedule — no safety checker,
-no feature extractor, no sampler. ``model`` is a Hugging Face id or a local diffusers
-folder (the layout ``save_pretrained`` writes).
+no feature extractor, no sampler. ``model`` is
+
+- a Hugging Face id (``CompVis/stable-diffusion-v1-4``, ``stabilityai/stable-diffusion-2-1-base``),
+- a local diffusers folder (the layout ``save_pretrained`` writes),
+- a single ``.ckpt``/``.safetensors`` checkpoint (original ldm key layout, e.g. ``sd-v1-4.ckpt``)
+  read by diffusers' ``from_single_file``: ``config`` (folder or hub id of a diffusers model
+  of the same architecture) supplies the component configs and the tokenizer offline, and
+  ``original_config`` (ldm YAML) a non-standard architecture, as diffusers names them;
+- or, through ``StableDiffusion.from_pipe``, a pipeline already in memory (no reload, no copy).
+
+Every load is checked before any work: the family (SD 1.x: OpenAI CLIP text encoder, conv
+projections; SD 2.x: OpenCLIP, linear projections, per-block head counts) and the
+tokenizer (``check_tokenizer``, issue 15: transformers 5 silently returns a 2-token
+tokenizer when the vocabulary files are missing).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-import socket
-from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelLoadError
+from ..log import get
+from .capture import check_layout
+
+log = get(__name__)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 # A file the test/demo model builder leaves in its folder: runs on it say their masks mean nothing.
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
+FAMILIES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+# Seconds the hub may take to answer the one metadata request made before a download: an
+# unreachable hub fails within seconds, not after minutes of retries.
+HUB_PROBE_TIMEOUT = 5.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
+_START, _END = "<|startoftext|>", "<|endoftext|>"
+# CLIP's byte-level BPE vocabulary: 256 byte tokens, 256 end-of-word byte tokens, one token
+# per merge, then start and end of text.
+_BPE_BASE_TOKENS = 2 * 256 + 2
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+_PROBE = "a photo of a cat"
 
 _HOW_TO = ("Pass --model with a local diffusers folder (with vae/, unet/, text_encoder/, tokenizer/, scheduler/), "
            "e.g. one saved by StableDiffusionPipeline.save_pretrained or downloaded on a connected machine with "
-           "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`.")
+           "`hf download CompVis/stable-diffusion-v1-4 --local-dir DIR`; or a single .ckpt/.safetensors file "
+           "with --config DIR_OR_ID naming a diffusers model of the same architecture.")
 
 
 @dataclass
@@ -38,10 +64,30 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    prediction_type: str = "epsilon"   # the scheduler's: "epsilon" or "v_prediction" (SD 2.x 768)
 
     @property
     def latent_scale(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def family(self) -> str:
+        return self.info["family"]
+
+    @classmethod
+    def from_pipe(cls, pipe, *, info: dict | None = None) -> "StableDiffusion":
+        """Wrap a diffusers pipeline already in memory (e.g. a notebook's
+        ``StableDiffusionPipeline``): the very same module objects, not reloaded, not copied,
+        not moved. Device and dtype are the UNet's."""
+        missing = [n for n in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipe, n, None) is None]
+        if missing:
+            raise ModelLoadError(f"pipeline {type(pipe).__name__} has no {', '.join(missing)}: text2mask needs "
+                                 "the VAE, UNet, CLIP text encoder, tokenizer and scheduler of SD 1.x/2.x")
+        name = str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+        base = {"model": name, "source": "pipeline", "pipeline_class": type(pipe).__name__}
+        return _assemble(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                         pipe.unet.device, pipe.unet.dtype, {**base, **(info or {})}, name)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -60,15 +106,25 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _sha256(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+
+
 def folder_digest(path: Path) -> str:
     """sha256 over the relative paths and bytes of every file of a local model folder,
     so run.json identifies exactly which weights made the masks."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        _sha256(h, f)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    _sha256(h, path)
     return h.hexdigest()
 
 
@@ -82,66 +138,370 @@ def _resolved_revision(module) -> str | None:
     return None
 
 
-def _hub_kwargs(model: str, revision: str | None) -> dict:
-    """Cached models load without touching the network; an uncached one with the hub out of
-    reach fails at once instead of after minutes of retries."""
-    from huggingface_hub import constants, try_to_load_from_cache
+# -- checks ---------------------------------------------------------------------------------
 
-    if isinstance(try_to_load_from_cache(model, "unet/config.json", revision=revision), str):
-        return {"revision": revision, "local_files_only": True}
-    if constants.HF_HUB_OFFLINE:
-        return {"revision": revision, "local_files_only": True}
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e:
+def model_family(unet_config, text_config, where: str) -> str:
+    """"sd1" or "sd2" from the UNet's and the text encoder's configs, or ModelLoadError
+    naming what was found (SDXL, inpainting, upscalers, a mix of families...)."""
+    get_u = (lambda k, d=None: unet_config.get(k, d)) if isinstance(unet_config, dict) else (
+        lambda k, d=None: getattr(unet_config, k, d))
+    get_t = (lambda k, d=None: text_config.get(k, d)) if isinstance(text_config, dict) else (
+        lambda k, d=None: getattr(text_config, k, d))
+    found = []
+    if get_u("addition_embed_type"):
+        found.append(f"addition_embed_type={get_u('addition_embed_type')!r} (SDXL-style conditioning)")
+    layers = get_u("transformer_layers_per_block", 1)
+    if any(n != 1 for n in (layers if isinstance(layers, (list, tuple)) else [layers])):
+        found.append(f"transformer_layers_per_block={layers!r}")
+    if get_u("in_channels") != 4:
+        found.append(f"in_channels={get_u('in_channels')} (inpainting/depth models take extra channels)")
+    if get_u("class_embed_type"):
+        found.append(f"class_embed_type={get_u('class_embed_type')!r} (upscaler/unCLIP)")
+    act, linear = get_t("hidden_act"), bool(get_u("use_linear_projection", False))
+    family = {("quick_gelu", False): "sd1", ("gelu", True): "sd2"}.get((act, linear))
+    if family is None:
+        found.append(f"text encoder activation {act!r} with use_linear_projection={linear} (SD 1.x has "
+                     "quick_gelu without, SD 2.x gelu with linear projections)")
+    if found:
         raise ModelLoadError(
-            f"cannot load the Stable Diffusion v1 model {model!r}: it is not in the local Hugging Face cache "
-            f"and {host} is out of reach ({e.strerror or e}).\n{_HOW_TO}") from None
-    return {"revision": revision}
+            f"{where} is not a Stable Diffusion 1.x or 2.x model: found {'; '.join(found)}. "
+            "text2mask supports SD 1.x and 2.x (SDXL, SD3 and others are not supported).")
+    return family
 
 
-def load(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-         revision: str | None = None) -> StableDiffusion:
+def _tokenizer_files(folder: Path | None) -> str:
+    if folder is None:
+        return "the tokenizer files"
+    present = {f for f in _TOKENIZER_FILES if (folder / f).is_file()}
+    if not folder.is_dir():
+        return f"{folder} (missing)"
+    absent = [f for f in _TOKENIZER_FILES if f not in present]
+    return f"{folder} (has {', '.join(sorted(present)) or 'no files'}; missing {', '.join(absent) or 'nothing'})"
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str, folder: Path | None = None) -> None:
+    """The tokenizer really loaded: as many tokens as the text encoder's vocabulary, the
+    complete CLIP BPE (one merge per merged token), start/end of text as the last two BPE
+    tokens, a pad token in the vocabulary, and a probe prompt framed by them.
+
+    transformers 5 returns a 2-token tokenizer when the vocabulary files are missing and a
+    character-level one when merges.txt is truncated; both would turn every class word into
+    end-of-text tokens without an error."""
+    problems = []
+    if len(tokenizer) != vocab_size:
+        problems.append(f"it has {len(tokenizer)} tokens, the text encoder expects {vocab_size}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    bpe = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if bpe.get("type") != "BPE":
+        problems.append(f"it is not a CLIP BPE tokenizer ({type(tokenizer).__name__}, model {bpe.get('type')!r})")
+    else:
+        n_vocab, n_merges = len(bpe["vocab"]), len(bpe["merges"])
+        if n_merges != n_vocab - _BPE_BASE_TOKENS:
+            problems.append(f"its BPE has {n_merges} merges for {n_vocab} tokens "
+                            f"(CLIP needs {n_vocab - _BPE_BASE_TOKENS}: merges.txt is truncated or does not match vocab.json)")
+        ends = (bpe["vocab"].get(_START), bpe["vocab"].get(_END))
+        if ends != (n_vocab - 2, n_vocab - 1) or (tokenizer.bos_token_id, tokenizer.eos_token_id) != ends:
+            problems.append(f"start/end of text are ids {tokenizer.bos_token_id}/{tokenizer.eos_token_id} "
+                            f"(vocabulary: {ends[0]}/{ends[1]}, CLIP: {n_vocab - 2}/{n_vocab - 1})")
+    pad = tokenizer.pad_token_id
+    if pad is None or not 0 <= pad < vocab_size:
+        problems.append(f"its pad token {tokenizer.pad_token!r} (id {pad}) is not in the vocabulary")
+    if not problems:
+        ids = tokenizer(_PROBE).input_ids
+        inner = ids[1:-1]
+        if ids[:1] != [tokenizer.bos_token_id] or ids[-1:] != [tokenizer.eos_token_id] or not inner or any(
+                i in (tokenizer.eos_token_id, tokenizer.unk_token_id) for i in inner):
+            problems.append(f"it encodes {_PROBE!r} as {ids}")
+    if problems:
+        raise ModelLoadError(
+            f"the tokenizer of {where} did not load correctly: {'; '.join(problems)}. "
+            f"Files: {_tokenizer_files(folder)}. Masks made with it would come from empty prompts. "
+            "Fix: give the model folder a complete tokenizer/ (vocab.json and merges.txt, or tokenizer.json, "
+            "as in the original model's tokenizer/ folder), or pass a model whose tokenizer is cached or reachable.")
+
+
+def check_components(unet, text_encoder, tokenizer, where: str, tokenizer_folder: Path | None = None) -> str:
+    """Family, UNet layout, tokenizer and the text width the UNet's cross-attention reads."""
+    family = model_family(unet.config, text_encoder.config, where)
+    check_layout(unet)
+    check_tokenizer(tokenizer, text_encoder.config.vocab_size, where, tokenizer_folder)
+    hidden, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
+    if hidden != cross:
+        raise ModelLoadError(
+            f"{where}: the text encoder gives {hidden}-wide token states but the UNet's cross-attention "
+            f"reads {cross}-wide ones; text_encoder/ and unet/ come from different models. Use the "
+            "components of one model.")
+    return family
+
+
+# -- hub access ------------------------------------------------------------------------------
+
+def _hub_probe(model: str, revision: str | None, what: str = "the model") -> None:
+    """One bounded metadata request (HEAD of unet/config.json, no retries) before any
+    download, so an unreachable hub or a wrong id fails within seconds with a clear message.
+    It goes through huggingface_hub's own session: HF_ENDPOINT, proxies and the token apply."""
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
+                                         RevisionNotFoundError)
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    url = hf_hub_url(model, "unet/config.json", revision=revision)
+    try:
+        response = get_session().head(url, headers=build_hf_headers(), timeout=HUB_PROBE_TIMEOUT,
+                                      follow_redirects=True)
+    except Exception as e:  # connection refused, timeouts, proxy errors: all say "unreachable"
+        raise ModelLoadError(
+            f"cannot load {what} {model!r}: it is not (completely) in the local Hugging Face cache and "
+            f"the hub at {constants.ENDPOINT} is out of reach ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}).\n{_HOW_TO}") from None
+    try:
+        hf_raise_for_status(response)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise ModelLoadError(f"cannot load {what} {model!r}{f' at revision {revision!r}' if revision else ''}: "
+                             f"{type(e).__name__} (no diffusers model with unet/ there, or it is gated or "
+                             f"private and no token is set).\n{_HOW_TO}") from None
+    except HfHubHTTPError as e:
+        raise ModelLoadError(f"cannot load {what} {model!r}: the hub answered {response.status_code} "
+                             f"({str(e).splitlines()[0]}).\n{_HOW_TO}") from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def _load_folder_components(src: str, dt: torch.dtype, **kw):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dt, **kw)
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dt, **kw)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dt, **kw)
+    scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    return vae, unet, text_encoder, tokenizer, scheduler
 
+
+def _read_configs(folder: Path) -> tuple[dict, dict]:
+    """unet/ and text_encoder/ configs of a local folder, read before any weights."""
+    out = []
+    for sub in ("unet", "text_encoder"):
+        path = folder / sub / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{folder} has no {sub}/config.json: not a diffusers Stable Diffusion folder. "
+                                 f"{_describe_folder(folder)}\n{_HOW_TO}")
+        try:
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: unreadable config ({e})") from None
+    return out[0], out[1]
+
+
+def _describe_folder(folder: Path) -> str:
+    index = folder / "model_index.json"
+    subs = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    what = f"It holds {', '.join(f'{s}/' for s in subs) or 'no subfolders'}"
+    if index.is_file():
+        try:
+            what += f"; model_index.json names {json.loads(index.read_text())['_class_name']}"
+        except (OSError, ValueError, KeyError):
+            pass
+    return what + "."
+
+
+def _load_error(where: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot load the model from {where}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}\n{_HOW_TO}")
+
+
+def _assemble(vae, unet, text_encoder, tokenizer, scheduler, dev, dt, info: dict, where: str,
+              tokenizer_folder: Path | None = None) -> StableDiffusion:
+    family = check_components(unet, text_encoder, tokenizer, where, tokenizer_folder)
+    cfg = scheduler.config
+    if (cfg.num_train_timesteps, cfg.beta_schedule) != (1000, "scaled_linear"):
+        raise ModelLoadError(f"{where}: expected SD's 1000-step scaled_linear schedule, got "
+                             f"{cfg.num_train_timesteps}-step {cfg.beta_schedule}")
+    prediction = getattr(cfg, "prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"{where}: prediction_type {prediction!r} is neither epsilon nor v_prediction")
+    # The DDPM schedule of the scheduler's config: any SD scheduler class (PNDM, DDIM, Euler...)
+    # may come with a pipeline; all compute alphas_cumprod from the betas as DDPM does.
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = DDPMScheduler.from_config(cfg).alphas_cumprod.to(torch.float64).cpu()
+    info = {**info, "family": family, "prediction_type": prediction,
+            "device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    return StableDiffusion(vae, unet, text_encoder, tokenizer, alphas_cumprod, dev, dt, info, prediction)
+
+
+def load(model: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
+         revision: str | None = None, config: str | None = None,
+         original_config: str | None = None) -> StableDiffusion:
+    """Load SD 1.x/2.x from a hub id, a diffusers folder or a single checkpoint file."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     local = Path(model).expanduser()
-    is_local = local.exists()
-    if is_local and not local.is_dir():
-        raise ModelLoadError(f"--model {model!r} is a file; pass a diffusers model folder or a Hugging Face id")
-    if not is_local and not _HUB_ID.fullmatch(model):
+    if local.is_file():
+        return _load_single_file(local, dev, dt, config, original_config)
+    if config or original_config:
+        raise ModelLoadError(f"--config/--original-config apply to a single checkpoint file; {model!r} is not one")
+    if local.is_dir():
+        return _load_folder(local, dev, dt, model)
+    if not _HUB_ID.fullmatch(model):
+        raise ModelLoadError(f"--model {model!r}: no such local folder or file, and not a Hugging Face id like "
+                             f"{DEFAULT_MODEL!r}")
+    return _load_hub(model, revision, dev, dt)
+
+
+def _finish(sd: StableDiffusion) -> StableDiffusion:
+    for m in (sd.vae, sd.unet, sd.text_encoder):
+        m.to(sd.device).eval().requires_grad_(False)
+    return sd
+
+
+def _load_folder(folder: Path, dev, dt, model: str) -> StableDiffusion:
+    where = f"local folder {folder}"
+    unet_cfg, text_cfg = _read_configs(folder)
+    model_family(unet_cfg, text_cfg, where)  # refuse SDXL & co. before reading any weights
+    try:
+        parts = _load_folder_components(str(folder), dt)
+    except Exception as e:
+        raise _load_error(where, e) from e
+    info = {"model": model, "source": "folder", "local": True, "folder_sha256": folder_digest(folder)}
+    if (folder / RANDOM_WEIGHTS_MARKER).is_file():
+        info["random_weights"] = True
+    return _finish(_assemble(*parts, dev, dt, info, where, folder / "tokenizer"))
+
+
+def _load_hub(model: str, revision: str | None, dev, dt) -> StableDiffusion:
+    """Cached models load without touching the network; otherwise one bounded probe, then
+    huggingface_hub downloads what is missing (resuming partial files)."""
+    where = f"Hugging Face model {model!r}"
+    try:
+        parts = _load_folder_components(model, dt, revision=revision, local_files_only=True)
+        sd = _assemble(*parts, dev, dt, {}, where)
+    except Exception as e:
+        if _hub_offline():
+            raise ModelLoadError(f"cannot load {where}: HF_HUB_OFFLINE is set and it is not (completely) in the "
+                                 f"local Hugging Face cache ({type(e).__name__}).\n{_HOW_TO}") from None
+        log.debug("%s is not complete in the cache (%s); downloading", model, e)
+        _hub_probe(model, revision)
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(model, "unet/config.json", revision=revision), encoding="utf-8") as f:
+            unet_cfg = json.load(f)
+        with open(hf_hub_download(model, "text_encoder/config.json", revision=revision), encoding="utf-8") as f:
+            text_cfg = json.load(f)
+        model_family(unet_cfg, text_cfg, where)
+        try:
+            parts = _load_folder_components(model, dt, revision=revision)
+        except Exception as e2:
+            raise _load_error(where, e2) from e2
+        sd = _assemble(*parts, dev, dt, {}, where)
+    sd.info.update({"model": model, "source": "hub", "local": False, "revision": revision or "main",
+                    "resolved_revision": _resolved_revision(sd.unet)})
+    return _finish(sd)
+
+
+def _load_single_file(path: Path, dev, dt, config: str | None, original_config: str | None) -> StableDiffusion:
+    from diffusers import StableDiffusionPipeline
+
+    where = f"checkpoint file {path}"
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"--model {str(path)!r} is a file but not a {' or '.join(SINGLE_FILE_SUFFIXES)} "
+                             "checkpoint; pass a diffusers model folder, a Hugging Face id or a checkpoint file")
+    if path.suffix.lower() == ".safetensors":
+        _refuse_other_architectures(path)
+    kw: dict = {"torch_dtype": dt}
+    if config:
+        config_dir = Path(config).expanduser()
+        kw["config"] = str(config_dir) if config_dir.is_dir() else config
+        if config_dir.is_dir():
+            unet_cfg, text_cfg = _read_configs(config_dir)
+            model_family(unet_cfg, text_cfg, f"--config {config_dir}")
+    if original_config:
+        kw["original_config"] = str(Path(original_config).expanduser())
+    local_only = _hub_offline() or (config is not None and Path(config).expanduser().is_dir())
+    try:
+        # safety_checker=None: never fetched (passing load_safety_checker at all makes
+        # diffusers 0.42 take its legacy path, which downloads the checker).
+        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_only, safety_checker=None,
+                                                        feature_extractor=None, **kw)
+    except Exception as e:
+        hint = ("" if config else " Offline, pass --config with a diffusers folder (or cached hub id) of the same "
+                "architecture, e.g. CompVis/stable-diffusion-v1-4 for an SD 1.x checkpoint.")
+        raise ModelLoadError(f"cannot load {where}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
+    info = {"model": str(path), "source": "single_file", "local": True, "file_sha256": file_digest(path)}
+    if config:
+        info["config"] = config
+    if original_config:
+        info["original_config"] = original_config
+    sd = StableDiffusion.from_pipe(pipe, info=info)
+    sd.device, sd.dtype = dev, dt
+    sd.info.update({"device": str(dev), "dtype": str(dt).replace("torch.", "")})
+    return _finish(sd)
+
+
+def _refuse_other_architectures(path: Path) -> None:
+    """SDXL/SD3 single files are recognised from their key names (header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for marker, name in (("conditioner.embedders.1", "SDXL"), ("model.diffusion_model.joint_blocks", "SD3"),
+                         ("double_blocks.", "Flux")):
+        if any(k.startswith(marker) for k in keys):
+            raise ModelLoadError(f"{path} is a {name} checkpoint (keys {marker}*); text2mask supports "
+                                 "Stable Diffusion 1.x and 2.x only")
+
+
+def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):
+    """The model's tokenizer alone (for ``text2mask prompts``), checked like a full load
+    against the text encoder's config: no weights are read."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    local = Path(model).expanduser()
+    if local.is_file():
+        raise ModelLoadError(f"{model}: a single checkpoint file holds no tokenizer; pass the diffusers folder "
+                             "or hub id given as its --config")
+    if local.is_dir():
+        where, src, kw, folder = f"local folder {local}", str(local), {"local_files_only": True}, local / "tokenizer"
+    elif _HUB_ID.fullmatch(model):
+        where, src, kw, folder = f"Hugging Face model {model!r}", model, {"revision": revision}, None
+    else:
         raise ModelLoadError(f"--model {model!r}: no such local folder, and not a Hugging Face id like "
                              f"{DEFAULT_MODEL!r}")
-    src = str(local) if is_local else model
-    kw = {} if is_local else _hub_kwargs(model, revision)
+
+    def attempt(**extra):
+        tok = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw, **extra)
+        text_cfg = CLIPTextConfig.from_pretrained(src, subfolder="text_encoder", **kw, **extra)
+        check_tokenizer(tok, text_cfg.vocab_size, where, folder)
+        return tok
+
+    if folder is not None:
+        try:
+            return attempt()
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise _load_error(where, e) from e
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dt, **kw)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dt, **kw)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dt, **kw)
-        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+        return attempt(local_files_only=True)
     except Exception as e:
-        where = f"local folder {src}" if is_local else f"Hugging Face model {src!r}"
-        raise ModelLoadError(
-            f"cannot load the Stable Diffusion v1 model from {where}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\n{_HOW_TO}") from e
-    for m in (vae, unet, text_encoder):
-        m.to(dev).eval().requires_grad_(False)
-    cfg = scheduler.config
-    if (cfg.num_train_timesteps, cfg.beta_schedule) != (1000, "scaled_linear"):
-        raise ModelLoadError(f"{src}: expected SD v1's 1000-step scaled_linear schedule, got "
-                             f"{cfg.num_train_timesteps}-step {cfg.beta_schedule}")
-    info = {"model": model, "local": is_local, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
-    if is_local:
-        info["folder_sha256"] = folder_digest(local)
-        if (local / RANDOM_WEIGHTS_MARKER).is_file():
-            info["random_weights"] = True
-    else:
-        info["revision"] = revision or "main"
-        info["resolved_revision"] = _resolved_revision(unet)
-    return StableDiffusion(vae, unet, text_encoder, tokenizer,
-                           scheduler.alphas_cumprod.to(torch.float64).cpu(), dev, dt, info)
+        if _hub_offline():
+            raise ModelLoadError(f"cannot load the tokenizer of {where}: HF_HUB_OFFLINE is set and it is not in "
+                                 f"the local Hugging Face cache ({type(e).__name__}).\n{_HOW_TO}") from None
+    _hub_probe(model, revision, "the tokenizer of")
+    try:
+        return attempt()
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise _load_error(where, e) from e

@@ -6,9 +6,8 @@ pass whose rows are the ensemble samples) and the pure stages of ``propagate`` a
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,17 +16,12 @@ from PIL import Image
 from . import propagate as P
 from ..io import read_image
 from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
+from ..modeling.latents import Draws, image_seed, latent_sample, posterior, q_sample
 from ..modeling.loading import DEFAULT_MODEL, StableDiffusion, load
 from ..preprocess import Geometry, geometry, prepare
 from ..classes import ClassSet, load_class_set
-from .prompts import PromptPlan, plan_prompts
+from .prompts import PromptPlan, check_class_set_fits, plan_prompts
 from .result import Attention, MaskConfig, MaskResult, background_only, refine
-
-
-def image_seed(seed: int, key: str) -> int:
-    """Per-image seed from (global seed, image id): masks do not depend on order,
-    batching, workers or shards."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 class Text2Mask:
@@ -35,13 +29,23 @@ class Text2Mask:
         self.sd = sd
         self.class_set = load_class_set(class_set) if isinstance(class_set, (str, Path)) else class_set
         self.config = (config or MaskConfig()).resolved(self.class_set)
+        check_class_set_fits(sd.tokenizer, self.class_set)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, class_set: ClassSet | str = "voc",
                         config: MaskConfig | None = None, device: str | None = None,
-                        dtype: str | None = None, revision: str | None = None) -> "Text2Mask":
-        return cls(load(model, device=device, dtype=dtype, revision=revision), class_set, config)
+                        dtype: str | None = None, revision: str | None = None, config_source: str | None = None,
+                        original_config: str | None = None) -> "Text2Mask":
+        """``model``: hub id, diffusers folder or single .ckpt/.safetensors file (then
+        ``config_source``/``original_config`` are diffusers' ``config``/``original_config``)."""
+        return cls(load(model, device=device, dtype=dtype, revision=revision, config=config_source,
+                        original_config=original_config), class_set, config)
+
+    @classmethod
+    def from_pipe(cls, pipe, class_set: ClassSet | str = "voc", config: MaskConfig | None = None) -> "Text2Mask":
+        """On a diffusers pipeline already in memory: its modules are used as they are (no copy)."""
+        return cls(StableDiffusion.from_pipe(pipe), class_set, config)
 
     # -- prompts ---------------------------------------------------------------------
     def plan(self, classes: Sequence[int]) -> PromptPlan:
@@ -61,31 +65,31 @@ class Text2Mask:
 
     # -- model side ------------------------------------------------------------------
     @torch.inference_mode()
-    def attend(self, items: Sequence[tuple[str, np.ndarray, PromptPlan]]) -> list[Attention]:
+    def attend(self, items: Sequence[tuple[str, np.ndarray, PromptPlan]],
+               draws: Mapping[str, Draws] | None = None) -> list[Attention]:
         """Scores and labels for images (key, rgb, plan) of the SAME padded size, in one
-        VAE call and one UNet call whose rows are image x prompt x sample."""
+        VAE call and one UNet call whose rows are image x prompt x sample. ``draws`` maps an
+        image key to its ``Draws``; the others take ``Draws.default(seed, key)``."""
         sd, cfg = self.sd, self.config
         geos: list[Geometry] = [geometry(*rgb.shape[:2]) for _, rgb, _ in items]
         padded = {(g.padded_height, g.padded_width) for g in geos}
         if len(padded) != 1:
             raise ValueError(f"attend() batches images of one padded size, got {sorted(padded)}")
         x = torch.stack([prepare(rgb, g) for (_, rgb, _), g in zip(items, geos)]).to(sd.device, sd.dtype)
-        posterior = sd.vae.encode(x).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
+        mean, std = posterior(sd.vae, x)
 
         a = sd.alphas_cumprod[cfg.timestep]
         latents, texts = [], []
         for i, (key, _, plan) in enumerate(items):
-            gen = torch.Generator().manual_seed(image_seed(cfg.seed, key))
-            eps0 = torch.randn(mean.shape[1:], generator=gen).to(sd.device)
-            z = (mean[i] + std[i] * eps0) * sd.latent_scale
-            noise = torch.randn((cfg.samples, *mean.shape[1:]), generator=gen).to(sd.device)
-            z_t = (a.sqrt() * z + (1 - a).sqrt() * noise).to(sd.dtype)  # (samples, 4, h, w)
+            d = (draws or {}).get(key) or Draws.default(cfg.seed, key, mean.shape[1:], cfg.samples)
+            d.check(mean.shape[1:], cfg.samples, key)
+            z = latent_sample(mean[i], std[i], d.eps0.to(sd.device), sd.latent_scale)
+            z_t = q_sample(z, a, d.noise.to(sd.device)).to(sd.dtype)  # (samples, 4, h, w)
             for prompt in plan.prompts:  # every prompt shares the image's noise draws
                 latents.append(z_t)
                 texts.append(self._embed(prompt.text).expand(cfg.samples, -1, -1))
         t = torch.tensor(cfg.timestep, device=sd.device)
-        with AttentionCapture(sd.unet, CROSS_BLOCKS, SELF_BLOCK) as cap:
+        with AttentionCapture(sd.unet, CROSS_BLOCKS, (SELF_BLOCK,)) as cap:
             maps = cap.run(torch.cat(latents), t, torch.cat(texts))
 
         out, row = [], 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..classes import ClassSet, ClassSpec, check_class_text
+from ..errors import ConfigError
 
 PREFIX = "a photo including "
 MAX_TOKENS = 77  # CLIP context: start token + 75 + end token
@@ -50,6 +51,21 @@ def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _check_span_tokens(tokenizer, text: str, texts: Sequence[str], spans: Sequence[Sequence[int]]) -> None:
+    """A class span must hold real word tokens. A tokenizer whose vocabulary did not load
+    maps every word to the unknown / end-of-text token; a span of those would average
+    attention over padding and still give confident-looking masks, so refuse it here
+    too, whatever the loader checked."""
+    ids = tokenizer(text)["input_ids"]  # with the start token at position 0, as spans count
+    special = {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
+    for t, span in zip(texts, spans):
+        bad = [i for i in span if ids[i] in special]
+        if bad:
+            names = tokenizer.convert_ids_to_tokens([ids[i] for i in bad])
+            raise ValueError(f"class text {t!r} tokenizes to special token(s) {sorted(set(names))}: "
+                             "the tokenizer's vocabulary did not load or does not know these words")
+
+
 def compose(tokenizer, texts: Sequence[str], classes: Sequence[int], background: Sequence[str]) -> Prompt:
     """Compose the prompt from the class texts and background words and locate the spans.
 
@@ -77,6 +93,7 @@ def compose(tokenizer, texts: Sequence[str], classes: Sequence[int], background:
     if any(len(s) == 0 for s in spans):
         empty = [texts[i] for i, s in enumerate(spans) if not s]
         raise ValueError(f"class text(s) {empty} tokenize to nothing")
+    _check_span_tokens(tokenizer, text, texts, spans)
     return Prompt(text=text, classes=tuple(classes), spans=tuple(spans), num_tokens=total + 2)
 
 
@@ -91,6 +108,21 @@ class PromptPlan:
     @property
     def classes(self) -> tuple[int, ...]:
         return tuple(k for p in self.prompts for k in p.classes)
+
+
+def check_class_set_fits(tokenizer, class_set: ClassSet, max_tokens: int = MAX_TOKENS) -> None:
+    """Every class, alone and by its plain name, must fit in one prompt: the overflow plan
+    can split an image's classes over prompts but never shorten one class. Checked once,
+    before any image, instead of failing every image that has the class."""
+    for k in range(1, len(class_set.classes) + 1):
+        spec = class_set.spec(k)
+        try:
+            p = compose(tokenizer, [spec.name], [k], ())
+        except ValueError as e:
+            raise ConfigError(f"class set '{class_set.name}', class {k} {spec.name!r}: {e}") from None
+        if p.num_tokens > max_tokens:
+            raise ConfigError(f"class set '{class_set.name}', class {k} {spec.name[:40]!r}...: {p.num_tokens} tokens "
+                              f"in its shortest prompt ({PREFIX!r} + name + '.'), more than CLIP's {max_tokens}")
 
 
 def plan_prompts(tokenizer, class_set: ClassSet, classes: Sequence[int],

@@ -14,7 +14,7 @@ import pydensecrf.densecrf as dcrf
 
 # ImageNet/Caffe pixel mean in B, G, R order, as used by the reference code.
 BGR_MEAN = np.array([104.008, 116.669, 122.675])
-MODES = ("reference", "rgb")
+CRF_IMAGES = ("reference", "rgb")  # the colour images the bilateral kernel can be given
 
 
 def _check_rgb(rgb: np.ndarray) -> None:
@@ -29,7 +29,7 @@ def crf_image(rgb: np.ndarray, mode: str = "reference") -> np.ndarray:
     if mode == "rgb":
         return np.array(rgb, order="C")  # a copy: pydensecrf rejects read-only buffers
     if mode != "reference":
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {CRF_IMAGES}, got {mode!r}")
     centred = rgb[..., ::-1].astype(np.float64) - BGR_MEAN
     # The reference cast float -> uint8 in C: truncate toward zero, then wrap mod 256.
     # Spelled out because numpy leaves out-of-range float -> uint8 casts undefined.

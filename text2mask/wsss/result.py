@@ -4,13 +4,15 @@ Kept free of torch so the CRF/writer worker processes start fast and stay small.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..classes import ClassSet
+from ..classes import ClassSet, check_method_parameters
+from ..errors import ConfigError
 from .prompts import PromptPlan
-from .refine import crf_labels, dense_crf, training_mask
+from .refine import CRF_IMAGES, crf_labels, dense_crf, training_mask
 
 
 @dataclass(frozen=True)
@@ -20,25 +22,31 @@ class MaskConfig:
     samples: int = 1
     timestep: int = 150
     seed: int = 0
-    box_threshold: float | None = None      # 0.2 VOC / 0.5 COCO; <= 0 disables the box mask
+    box_threshold: float | None = None      # 0.2 VOC / 0.5 COCO; 0 disables the box mask
     background_tau: float | None = None     # 1.0 VOC / 0.7 COCO
     background_power: float | None = None   # 2
     crf: bool = True
-    crf_image: str = "reference"            # or "rgb"
+    crf_image: str = "reference"            # one of refine.CRF_IMAGES
     confidence: float = 0.95                # below -> 255 in the training mask
 
     def resolved(self, class_set: ClassSet) -> "MaskConfig":
+        """Class-set defaults filled in, every value checked: nonsense is refused before any
+        work (a NaN threshold would otherwise give an all-background or all-class run)."""
         pick = lambda v, d: d if v is None else v  # noqa: E731
         cfg = MaskConfig(**{**asdict(self),
                             "box_threshold": pick(self.box_threshold, class_set.box_threshold),
                             "background_tau": pick(self.background_tau, class_set.background_tau),
                             "background_power": pick(self.background_power, class_set.background_power)})
         if cfg.samples < 1:
-            raise ValueError("samples must be >= 1")
+            raise ConfigError("samples must be >= 1")
         if not 0 <= cfg.timestep < 1000:
-            raise ValueError("timestep must lie in 0..999")
-        if cfg.crf_image not in ("reference", "rgb"):
-            raise ValueError("crf_image must be 'reference' or 'rgb'")
+            raise ConfigError("timestep must lie in 0..999")
+        if cfg.crf_image not in CRF_IMAGES:
+            raise ConfigError(f"crf_image must be one of {', '.join(CRF_IMAGES)}")
+        check_method_parameters(cfg.box_threshold, cfg.background_tau, cfg.background_power,
+                                f"class set '{class_set.name}' or --box-threshold/--bg-tau/--bg-power")
+        if not (math.isfinite(cfg.confidence) and 0 <= cfg.confidence <= 1):
+            raise ConfigError(f"confidence {cfg.confidence} must lie in [0, 1]")
         return cfg
 
 

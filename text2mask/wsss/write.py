@@ -2,8 +2,9 @@
 
     initial/<id>.png  labels before the CRF
     crf/<id>.png      labels after the CRF (no ignore)
-    masks/<id>.png    training mask, 255 = unsure; written LAST, so its presence marks
-                      the image as complete (every file is written atomically)
+    masks/<id>.png    training mask, 255 = unsure; written LAST: with the image's record
+                      (written before, by the engine) its presence marks the image as
+                      complete (every file is written atomically)
 """
 from __future__ import annotations
 
@@ -21,10 +22,6 @@ FOLDERS = ("initial", "crf", "masks")
 
 def output_path(out: Path, folder: str, key: str) -> Path:
     return Path(out) / folder / f"{key}.png"
-
-
-def is_complete(out: Path, key: str) -> bool:
-    return output_path(out, "masks", key).is_file()
 
 
 def _at_size(labels: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

@@ -1,0 +1,207 @@
+"""Personalized referring segmentation commands (the paper's second task): ``refer`` (one
+photo, or a dataset with ``--data-root``) and ``personalize`` (train a concept) — thin
+shells over ``text2mask.personal``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import EXIT_CRASHED, EXIT_FAILED_ITEMS, ConfigError, InputError
+from ..log import get
+from ..modeling.loading import DEFAULT_MODEL
+from .root import DEVICE_HELP, DTYPE_HELP, Dtype, app, check_device, exits, parse_shard, quiet_libraries
+
+log = get(__name__)
+DATA, MODEL, METHOD, OUTPUT = "Input", "Model", "Method", "Output"
+
+
+def _referrer(model, revision, device, dtype, seed, timestep, box_threshold, tokens, query, long_side):
+    from ..personal.refer import Referrer, ReferConfig
+
+    cfg = ReferConfig(timestep=timestep, seed=seed, box_threshold=box_threshold, tokens=tokens, query=query,
+                      long_side=long_side)
+    quiet_libraries()
+    log.info(f"loading {model} ...")
+    return Referrer.from_pretrained(model, cfg, device=device, dtype=None if dtype == "auto" else dtype,
+                                    revision=revision)
+
+
+def _one_photo(referrer, photo: Path, class_name: str, concepts: list[Path], texts: list[str],
+               segments: int | None, out: Path) -> None:
+    """Segments, masks and scores of one photo; every check comes before the first write."""
+    from ..io import read_image
+    from ..personal.concept import Concept
+    from ..personal.refer import Query
+    from ..personal.run import SceneOutput, write_scene
+    from ..personal.visualize import refer_picture
+    from ..io import write_png
+
+    rgb = read_image(photo)
+    queries = []
+    for folder, text in zip(concepts, texts):
+        c = Concept.load(folder)
+        c.check(referrer.sd)
+        queries.append(Query(c, text))
+    key = photo.stem
+    r = referrer(rgb, queries, class_name, segments=segments, key=key)
+    ids = tuple(f"{key}-{i}" for i in range(1, len(queries) + 1))
+    write_scene(SceneOutput(key, class_name, r.segments, ids, tuple(r.prompts), r.correlation, r.bf, r.af), out)
+    write_png(out / "pictures" / f"{key}.png", refer_picture(rgb, r.segments, r.af, r.prompts, r.correlation))
+    for i, (tid, p) in enumerate(zip(ids, r.prompts)):
+        log.info(f"{tid}: {p!r} -> segment {r.af[i]} (bf {r.bf[i]}); masks/{tid}.png")
+    typer.echo(str(out))
+
+
+@app.command("refer")
+@exits
+def refer(
+    photo: Optional[Path] = typer.Argument(None, help="A scene photo (or use --data-root for a dataset)."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="The items' class word, e.g. mug.", rich_help_panel=DATA),
+    concept: List[Path] = typer.Option([], "--concept", help="A concept folder; repeat, one per --text.", rich_help_panel=DATA),
+    text: List[str] = typer.Option([], "--text", help="Its description with the plain class word, e.g. \"a white mug filled with cola\".", rich_help_panel=DATA),
+    segments: Optional[int] = typer.Option(None, min=1, help="Items in the photo (K); default: the number of queries.", rich_help_panel=DATA),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root (dataset.json, images/, masks/).", rich_help_panel=DATA),
+    concepts: Optional[Path] = typer.Option(None, help="Folder of trained concepts, one sub-folder per concept id (--data-root).", rich_help_panel=DATA),
+    split: str = typer.Option("all", help="all | semantic | visual | variant (--data-root).", rich_help_panel=DATA),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N photos of the split.", rich_help_panel=DATA),
+    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model.", rich_help_panel=MODEL),
+    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
+    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
+    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
+    seed: int = typer.Option(0, help="Global seed; each photo's draws come from (seed, photo id).", rich_help_panel=METHOD),
+    timestep: int = typer.Option(150, min=0, max=999, help="Noise level t of T=1000.", rich_help_panel=METHOD),
+    box_threshold: float = typer.Option(0.2, min=0.0, help="Class-aware box threshold (0 disables).", rich_help_panel=METHOD),
+    tokens: str = typer.Option("phrase", help="Tokens of an instance map: phrase (\"<new1> mug\") | token | class | text.", rich_help_panel=METHOD),
+    query: str = typer.Option("full", help="full | subject (\"a <new1> mug\") | context (the text on the base model).", rich_help_panel=METHOD),
+    long_side: Optional[int] = typer.Option(None, min=64, help="Resize photos to this long side (default: the WSSS reference sizes, 704-1024 px).", rich_help_panel=METHOD),
+    out: Path = typer.Option(..., help="Output folder.", rich_help_panel=OUTPUT),
+    workers: Optional[int] = typer.Option(None, min=0, help="Writer processes (default: cores - 1; 0 = in process).", rich_help_panel=OUTPUT),
+    overwrite: bool = typer.Option(False, help="Redo every photo, even if an earlier run finished it.", rich_help_panel=OUTPUT),
+    shard: Optional[str] = typer.Option(None, help="I/N: process only shard I of N (0-based).", rich_help_panel=OUTPUT),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the run (scores.jsonl, metrics.json).", rich_help_panel=OUTPUT),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.", rich_help_panel=OUTPUT),
+) -> None:
+    """Find MY item in a photo: segments of the photo's items, then the one each concept +
+    description points at. One photo: segments/, masks/ (af), masks_bf/, scores/, pictures/.
+    A dataset (--data-root): also scores.jsonl, metrics.json, run.json; resumable."""
+    from ..personal.refer import QUERY_MODES
+    from ..personal.query import SPAN_MODES
+    from ..runs.folder import check_writable
+
+    if tokens not in SPAN_MODES:
+        raise ConfigError(f"--tokens {tokens!r}: use one of {', '.join(SPAN_MODES)}")
+    if query not in QUERY_MODES:
+        raise ConfigError(f"--query {query!r}: use one of {', '.join(QUERY_MODES)}")
+    device = check_device(device)
+    if (photo is None) == (data_root is None):
+        raise ConfigError("give either a PHOTO (with --class, --concept, --text) or --data-root (with --concepts)")
+    args = (model, revision, device, dtype.value, seed, timestep, box_threshold, tokens, query, long_side)
+    if photo is not None:
+        if not class_name:
+            raise ConfigError("--class is required with a PHOTO (the class word of the items, e.g. mug)")
+        if not concept or len(concept) != len(text):
+            raise ConfigError(f"give one --text per --concept (got {len(concept)} concept(s), {len(text)} text(s))")
+        if segments is not None and segments < len(concept):
+            raise InputError(f"{photo}: --segments {segments} is fewer than the {len(concept)} queries; each "
+                             "queried item needs its own segment")
+        from ..personal.query import class_match
+
+        for t in text:
+            if class_match(t, class_name) is None:
+                raise InputError(f"--text {t!r} has no whole word {class_name!r} (the class the concept's token goes before)")
+        if not photo.is_file():
+            raise InputError(f"{photo}: image file not found")
+        check_writable(out)
+        _one_photo(_referrer(*args), photo, class_name, concept, text, segments, out)
+        return
+    _dataset(args, data_root, concepts, split, limit, out, workers, overwrite, shard, evaluate, progress)
+
+
+def _dataset(args, data_root, concepts, split, limit, out, workers, overwrite, shard, evaluate, progress) -> None:
+    from ..data.personal import load_refer_dataset
+    from ..distributed import Distributed
+    from ..personal.run import refer_dataset
+    from ..runs import RunOptions
+    from ..runs.engine import default_workers
+    from ..runs.folder import check_writable
+    if concepts is None:
+        raise ConfigError("--concepts DIR is required with --data-root (one trained concept folder per concept id)")
+    shard_t = parse_shard(shard)
+    ds = load_refer_dataset(data_root)
+    ds.split(split)  # an unknown split fails here, before the model loads
+    check_writable(out)
+    dist = Distributed.from_env()
+    referrer = _referrer(*args[:2], dist.device() if dist.world > 1 and args[2] == "auto" else args[2], *args[3:])
+    opts = RunOptions(out=out, workers=default_workers() if workers is None else workers, limit=limit,
+                      overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress)
+    summary = refer_dataset(referrer, ds, split, concepts, opts, log=log.info, dist=dist)
+    if not dist.main:
+        raise typer.Exit(EXIT_FAILED_ITEMS if summary.failed else 0)
+    _report(summary)
+    if summary.errors:
+        raise typer.Exit(EXIT_CRASHED)
+    if summary.failed:
+        raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
+def _report(summary) -> None:
+    log.info(f"done: {summary.done} photo(s) written, {summary.skipped} already complete, {summary.failed} failed; "
+             f"{summary.seconds:.1f} s")
+    if summary.redone_changed:
+        log.info(f"redone because the input changed: {', '.join(summary.redone_changed[:10])}")
+    for e in summary.errors:
+        log.error(f"{e}; the outputs are written and the folder can be resumed")
+    if summary.failed:
+        log.error(f"{summary.failed} photo(s) failed; see {summary.failures_file}")
+        for f in summary.failures[:5]:
+            log.info(f"  {f['id']} [{f['stage']}]: {f['error']}")
+
+
+@app.command("personalize")
+@exits
+def personalize(
+    photos: List[Path] = typer.Argument(..., help="Photos of the item (files or folders)."),
+    class_name: str = typer.Option(..., "--class", help="The item's class word, e.g. mug.", rich_help_panel=DATA),
+    out: Path = typer.Option(..., help="Concept folder to write (format A + concept.json).", rich_help_panel=OUTPUT),
+    class_images: Optional[Path] = typer.Option(None, help="Folder of class photos for prior preservation (e.g. 200 'mug' images).", rich_help_panel=DATA),
+    token: str = typer.Option("<new1>", help="The new token.", rich_help_panel=METHOD),
+    init_token: str = typer.Option("ktn", help="Token whose embedding initializes the new one.", rich_help_panel=METHOD),
+    steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (default: 500 on one process, 250 on several).", rich_help_panel=METHOD),
+    size: int = typer.Option(512, min=64, help="Training resolution (square).", rich_help_panel=METHOD),
+    batch_size: int = typer.Option(2, min=1, help="Photos per step and process.", rich_help_panel=METHOD),
+    base_lr: float = typer.Option(1e-5, help="Scaled by batch x processes x accumulation (x2 with prior).", rich_help_panel=METHOD),
+    accumulation: int = typer.Option(1, min=1, help="Gradient accumulation steps.", rich_help_panel=METHOD),
+    freeze: str = typer.Option("crossattn_kv", help="crossattn_kv: train K/V; crossattn: also Q and out.", rich_help_panel=METHOD),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip, shrink-and-paste, zoom.", rich_help_panel=METHOD),
+    mixed_precision: str = typer.Option("no", help="no | fp16 | bf16 (accelerate autocast).", rich_help_panel=METHOD),
+    checkpoint_every: int = typer.Option(250, min=0, help="Save a checkpoint every N steps (0: never).", rich_help_panel=OUTPUT),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the newest checkpoint in <out>-checkpoints.", rich_help_panel=OUTPUT),
+    seed: int = typer.Option(0, help="Seed of augmentations, noise and timesteps.", rich_help_panel=METHOD),
+    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model.", rich_help_panel=MODEL),
+    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
+    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.", rich_help_panel=OUTPUT),
+) -> None:
+    """Train a Custom Diffusion concept (a new token + cross-attention K/V) on a few photos
+    of one item; `accelerate launch -m text2mask personalize ...` for several GPUs."""
+    from ..distributed import Distributed
+    from ..modeling.loading import load
+    from ..personal.train import TrainConfig, read_photos, train_concept
+
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
+    cfg = TrainConfig(class_name=class_name, token=token, init_token=init_token, steps=steps, size=size,
+                      batch_size=batch_size, base_lr=base_lr, accumulation=accumulation, freeze=freeze,
+                      augment=augment, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, seed=seed)
+    read_photos(photos, "instance")          # bad photos fail before the model loads
+    device = check_device(device)
+    dist = Distributed.from_env()
+    quiet_libraries()
+    log.info(f"loading {model} ...")
+    sd = load(model, device=dist.device() if dist.world > 1 and device == "auto" else device, dtype="fp32",
+              revision=revision)
+    train_concept(sd, photos, out, cfg, [class_images] if class_images else (), resume=resume,
+                  show_progress=progress)
+    typer.echo(str(out))

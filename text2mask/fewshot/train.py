@@ -1,0 +1,246 @@
+"""Training DiffewS on a benchmark fold's training classes (``text2mask fewshot train``).
+
+One optimisation step (the reference's recipe, ``train_tools/…_nshot_v3.py``):
+
+    k ~ U{1..N} shots for the step's episodes (DiffewS-n; N = 1 is strict 1-shot)
+    z_q, z_s, z_ms, z_mq = s·(posterior draws) of query, supports, support masks, query mask
+    ẑ_m = −UNet(z_q | K/V of the support pass on conv_in_ref([z_s ; z_ms])),  t = 1, c∅
+    L = ‖ẑ_m − z_mq‖²  (mean)            (the reference's MSE(UNet, −z_mq), the same value)
+
+AdamW (lr 1e-5, weight decay 0.01), linear (power-1 polynomial) decay to 1e-7 without
+warm-up, gradient norm clipped at 1.0, the whole UNet and conv_in_ref trained; VAE and
+text encoder frozen. 🤗 accelerate runs it on one or several devices
+(``accelerate launch``) with fp16/bf16 mixed precision and gradient accumulation.
+
+Every draw of a step (its episodes, shots, posterior noise) comes from a generator
+seeded by (seed, step, micro-batch, process), so a resumed run (``checkpoint-N/``,
+accelerate ``save_state``) repeats exactly the losses the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import ConfigError, ConfigMismatch
+from ..io import write_json
+from ..log import get
+from .checkpoint import checkpoint_info, load_diffews, save_checkpoint
+from .diffews import DiffewsUNet, mask_to_image, square_mask, support_conv_in
+from .episodes import Benchmark, ImageLists, check_classes, read_labelled, read_lists, training_episode
+from .model import DiffewS, EpisodeInputs, FewShotConfig, encode, episode_inputs
+
+log = get(__name__)
+
+TRAIN_JSON = "train.json"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+LR_END = 1e-7            # diffusers' polynomial schedule default, which the reference used
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 10_000                 # optimisation steps (the paper's strict recipe)
+    batch_size: int = 1                 # episodes per process per micro-batch
+    grad_accum: int = 4                 # micro-batches per step (paper: 4 GPUs x 4 = 16 episodes)
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_shots: int = 1                  # k ~ U{1..max_shots} per step
+    checkpoint_every: int = 2_000
+    seed: int = 42
+    mixed_precision: str = "no"         # no | fp16 | bf16
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "max_shots", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"unknown --mixed-precision {self.mixed_precision!r}; use no, fp16 or bf16")
+
+
+@dataclass
+class TrainData:
+    bench: Benchmark
+    root: Path
+    lists: ImageLists
+    fold: int
+
+
+def training_data(bench: Benchmark, root: Path, lists: Path, fold: int) -> TrainData:
+    got = read_lists(bench, lists, "trn", fold)
+    classes = tuple(sorted(got.per_class))
+    if not classes:
+        raise ConfigError(f"{', '.join(map(str, got.files))}: no training images")
+    leaked = sorted(set(classes) & set(bench.test_classes(fold)))
+    if leaked:
+        raise ConfigError(f"training lists hold test classes {leaked} of fold {fold}")
+    check_classes(got, classes, ", ".join(map(str, got.files)))
+    return TrainData(bench, root, got, fold)
+
+
+@dataclass
+class TrainingEpisode:
+    inputs: EpisodeInputs
+    query_mask: torch.Tensor      # (R, R) bool
+
+
+def draw_batch(data: TrainData, rng: np.random.Generator, batch_size: int, max_shots: int,
+               resolution: int) -> list[TrainingEpisode]:
+    """A micro-batch: k ~ U{1..max_shots}, then ``batch_size`` episodes of k shots."""
+    k = int(rng.integers(1, max_shots + 1))
+    out = []
+    for _ in range(batch_size):
+        e = training_episode(data.bench, data.lists, rng, k)
+        q = read_labelled(data.bench, data.root, e.query, e.cls)
+        sup = [read_labelled(data.bench, data.root, s, e.cls) for s in e.supports]
+        out.append(TrainingEpisode(episode_inputs(q.rgb, [(s.rgb, s.mask) for s in sup], resolution),
+                                   square_mask(q.mask, resolution)))
+    return out
+
+
+def episode_loss(model: DiffewS, net, batch: list[TrainingEpisode], generator: torch.Generator) -> torch.Tensor:
+    """L = mean ‖ẑ_m − z_mq‖² over a micro-batch (``net``: the possibly wrapped DiffewsUNet)."""
+    with torch.no_grad():
+        query, support, k = model.latents([e.inputs for e in batch], generator)
+        target = encode(model.sd, mask_to_image(torch.stack([e.query_mask for e in batch])), generator)
+    pred = net(query, support, k, model.text())
+    return F.mse_loss(pred.float(), target.float())
+
+
+def step_generators(seed: int, step: int, micro: int, rank: int, device) -> tuple[np.random.Generator, torch.Generator]:
+    """The draws of one micro-batch: episodes (NumPy) and posterior noise (torch)."""
+    rng = np.random.default_rng([seed, step, micro, rank])
+    g = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+    return rng, g
+
+
+def _latest_checkpoint(out: Path) -> tuple[int, Path] | None:
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT.fullmatch(p.name))
+             and (p / "step.json").is_file()]
+    return max(found) if found else None
+
+
+def _check_run_folder(out: Path, record: dict, resume: bool) -> None:
+    f = out / TRAIN_JSON
+    if not f.is_file():
+        return
+    old = json.loads(f.read_text())
+    if old != record:
+        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        raise ConfigMismatch(f"{out} holds a training run of another configuration (differs in: {', '.join(diff)}); "
+                             "use another --out")
+    if not resume and _latest_checkpoint(out):
+        raise ConfigMismatch(f"{out} already holds checkpoints of this run; pass --resume to continue it")
+
+
+def initial_model(init: str, device: str | None, fewshot: FewShotConfig) -> tuple[DiffewS, str]:
+    """A few-shot checkpoint to fine-tune, or a base SD 2.x model (conv_in_ref from conv_in)."""
+    from ..modeling.loading import load
+
+    path = Path(init).expanduser()
+    if (path / "fewshot.json").is_file():
+        model = load_diffews(path, device=device, dtype="fp32", text_condition=fewshot.text_condition,
+                             threshold=fewshot.threshold, trainable=True)
+        return model, model.info["checkpoint"]["base_model"]
+    sd = load(init, device=device, dtype="fp32")
+    if sd.info.get("family", "sd2") != "sd2":
+        log.warning(f"{init} is a {sd.info['family']} model; DiffewS is defined on SD 2.1")
+    sd.unet.train().requires_grad_(True)
+    conv = support_conv_in(sd.unet.conv_in).requires_grad_(True)
+    return DiffewS(sd, DiffewsUNet(sd.unet, conv), fewshot), init
+
+
+def train(init: str, data: TrainData, out: Path, config: TrainConfig, *, resume: bool = False,
+          device: str | None = None, progress: bool = True) -> list[float]:
+    """Train and write the final checkpoint into ``out`` (our layout); returns this
+    process's per-step losses (mean over the step's micro-batches)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    out = Path(out)
+    record = {"init": str(init), "benchmark": data.bench.name, "fold": data.fold, "lists": [str(f) for f in data.lists.files],
+              "lists_sha256": data.lists.digest(), "config": asdict(config)}
+    _check_run_folder(out, record, resume)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              cpu=device == "cpu", project_config=ProjectConfiguration(project_dir=str(out)))
+    model, base = initial_model(init, str(accelerator.device), config.fewshot)
+    frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    model.sd.vae.to(dtype=frozen)
+    model.sd.text_encoder.to(dtype=frozen)
+    model.sd.dtype = frozen
+    with torch.no_grad():
+        model.text()
+    model._text = model._text.float()
+
+    # 1. Optimiser and schedule (stepped once per process per step, as accelerate expects).
+    opt = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = get_scheduler("polynomial", opt, num_warmup_steps=0,
+                          num_training_steps=config.steps * accelerator.num_processes, power=1.0)
+    net, opt, sched = accelerator.prepare(model.net, opt, sched)
+
+    # 2. Resume.
+    start = 0
+    if resume:
+        latest = _latest_checkpoint(out)
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint-N/ folder in {out}")
+        start, path = latest
+        accelerator.load_state(str(path))
+        log.info(f"resuming from {path} (step {start} of {config.steps})")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / TRAIN_JSON, record)
+
+    # 3. The steps.
+    losses = []
+    bar = tqdm(total=config.steps, initial=start, unit="step", disable=not (progress and accelerator.is_main_process))
+    for step in range(start, config.steps):
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            rng, g = step_generators(config.seed, step, micro, accelerator.process_index, accelerator.device)
+            batch = draw_batch(data, rng, config.batch_size, config.max_shots, config.fewshot.resolution)
+            with accelerator.accumulate(net), accelerator.autocast():
+                loss = episode_loss(model, net, batch, g)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(net.parameters(), config.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            step_loss += loss.item() / config.grad_accum
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"step {step + 1}: the loss is {step_loss}; lower --lr or use bf16/fp32")
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        done = step + 1
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _save_state(accelerator, out, done)
+    bar.close()
+
+    # 4. The final checkpoint, in the layout ``fewshot evaluate`` loads.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = DiffewsUNet(accelerator.unwrap_model(net).unet, accelerator.unwrap_model(net).conv_in_ref)
+        info = checkpoint_info(base, config.fewshot, benchmark=data.bench.name, fold=data.fold,
+                               training_classes=sorted(data.lists.per_class), max_shots=config.max_shots,
+                               source=f"trained by text2mask for {config.steps} steps")
+        save_checkpoint(out, final, info)
+        log.info(f"checkpoint written to {out}")
+    return losses
+
+
+def _save_state(accelerator, out: Path, step: int) -> None:
+    path = out / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_json(path / "step.json", {"step": step})   # last: marks the state as complete
