@@ -10,7 +10,8 @@ import torch
 from text2mask.data.base import Dataset, Sample
 from text2mask.io import read_image
 from text2mask.modeling.capture import AttentionCapture
-from text2mask.wsss.predictor import MaskConfig, Text2Mask, image_seed
+from text2mask.modeling.latents import image_seed
+from text2mask.wsss.predictor import MaskConfig, Text2Mask
 from text2mask.preprocess import geometry, prepare
 from text2mask.wsss.run import RunOptions, generate
 

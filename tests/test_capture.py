@@ -31,13 +31,7 @@ HOOKED = {f"{TABLE[i][0]}.transformer_blocks.0.attn2.processor" for i in (4, 5, 
 T = torch.tensor(150)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet is faster on one thread than on an oversubscribed CPU (10x under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def embed(sd, text):

@@ -21,12 +21,7 @@ PHOTO = ROOT / "samples/voc-mini/VOC2012/JPEGImages/2007_000039.jpg"  # horse + 
 LABELS = [13, 15]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

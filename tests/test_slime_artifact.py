@@ -18,12 +18,7 @@ CLASSES = ["background", "top", "bottom"]
 SEG = SegmentSettings(canvas=128, tile_size=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

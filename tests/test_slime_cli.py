@@ -40,9 +40,8 @@ def fit_args(tmp_path, *extra, classes=CLASSES, image=CAR, mask=CAR_MASK):
 
 
 @pytest.fixture(scope="module")
-def parts_file(tiny_model_dir, tmp_path_factory):
+def parts_file(one_thread, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("slime-cli") / "parts.slime"
-    torch.set_num_threads(1)
     res = invoke("slime", "fit", "--image", CAR, "--mask", CAR_MASK, "--image", BUS, "--mask", BUS_MASK,
                  "--classes", CLASSES, "--model", tiny_model_dir, "--out", out, "--epochs", "1",
                  "--canvas", "128", "--device", "cpu", "--no-progress")

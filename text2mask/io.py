@@ -15,6 +15,9 @@ from PIL import Image, ImageOps
 
 from .errors import InputError
 
+# The photo formats every method reads (by file suffix, lower case).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 array (H, W, 3) as a person sees the photo (EXIF orientation applied)."""
@@ -43,6 +46,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except Exception as e:  # PIL raises several types for corrupt/unknown files
         raise InputError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
     return np.ascontiguousarray(rgb)
+
+
+def image_input(image, key: str | None = None) -> tuple[str, np.ndarray]:
+    """(id, RGB uint8 array) of what a Python API call was given: a path (id = its file
+    stem, unless ``key``), a PIL image or an (H, W, 3) array (id = ``key`` or "image")."""
+    if isinstance(image, (str, os.PathLike)):
+        return key or Path(image).stem, read_image(image)
+    if isinstance(image, Image.Image):
+        return key or "image", np.asarray(image.convert("RGB"))
+    return key or "image", np.ascontiguousarray(image, dtype=np.uint8)
 
 
 def read_index_png(path: str | os.PathLike) -> np.ndarray:

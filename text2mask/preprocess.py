@@ -47,10 +47,12 @@ def _pad_up(n: int) -> int:
     return n if n % MULTIPLE == 0 else n - n % MULTIPLE + MULTIPLE
 
 
-def geometry(height: int, width: int) -> Geometry:
+def geometry(height: int, width: int, side: int | None = None) -> Geometry:
+    """The reference's resize-and-pad of an h x w photo; ``side`` replaces the
+    aspect-ratio rule's long side (e.g. small photos for a fast CPU run)."""
     if height < 1 or width < 1:
         raise ValueError(f"image has no pixels ({width}x{height})")
-    side = long_side(height, width)
+    side = side or long_side(height, width)
     if width > height:
         rw, rh = side, int(side * height / width)
     else:

@@ -22,13 +22,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .classes import IGNORE_INDEX as UNSURE
 from .errors import ConfigError, InputError
-from .io import read_image, read_index_png, write_png, write_text
+from .io import IMAGE_SUFFIXES, read_image, read_index_png, write_png, write_text
 from .log import get, progress
+from .wsss.refine import TRAINING_MASK_CONFIDENCE
 from .wsss.result import UNCERTAIN_GAP, uncertain_pixels
 
 log = get(__name__)
 UNCERTAIN_TITLE = f"uncertain: top-2 score gap < {UNCERTAIN_GAP:g}"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 PAD = 4
 SWATCH = 12
@@ -222,7 +222,8 @@ def read_run_record(run_dir: Path) -> RunRecord:
         where = f"fingerprint.class_set.classes[{i}]"
         names.append(field_of(c if isinstance(c, dict) else {"name": c}, "name", str, f"{where}.name", str(i + 1)))
     method = field_of(fingerprint, "method", dict, "fingerprint.method", {})
-    confidence = field_of(method, "confidence", (int, float), "fingerprint.method.confidence", 0.95)
+    confidence = field_of(method, "confidence", (int, float), "fingerprint.method.confidence",
+                          TRAINING_MASK_CONFIDENCE)
     image_dir = field_of(dataset, "image_dir", str, "dataset.image_dir", None)
     gt_dirs = field_of(dataset, "gt_dirs", list, "dataset.gt_dirs", None)
     if gt_dirs is None:

@@ -9,9 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import EXIT_CRASHED, EXIT_FAILED_ITEMS, ConfigError
+from ..errors import ConfigError
 from ..log import get
-from .root import DEVICE_HELP, DTYPE_HELP, Dtype, check_device, exits, parse_shard, quiet_libraries
+from .root import DEVICE_HELP, DTYPE_HELP, Dtype, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 
@@ -114,19 +114,7 @@ def evaluate(
                       limit=limit, overwrite=overwrite, shard=shard_t, progress=progress)
     summary = run_evaluation(m, manifest, root, opts, score_at=score_at.value, visualize=visualize,
                              log=log.info, dist=dist)
-    if not dist.main:
-        raise typer.Exit(EXIT_FAILED_ITEMS if summary.failed else 0)
-    log.info(f"done: {summary.done} written, {summary.skipped} already complete, {summary.failed} failed; "
-             f"{summary.seconds:.1f} s")
-    for e in summary.errors:
-        log.error(f"{e}; the outputs are written and the folder can be resumed")
-    if summary.errors:
-        raise typer.Exit(EXIT_CRASHED)
-    if summary.failed:
-        log.error(f"{summary.failed} episode(s) failed; see {summary.failures_file}")
-        for f in summary.failures[:5]:
-            log.info(f"  {f['id']} [{f['stage']}]: {f['error']}")
-        raise typer.Exit(EXIT_FAILED_ITEMS)
+    finish_run(summary, "episode", dist.main)
 
 
 @app.command()

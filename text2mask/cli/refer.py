@@ -8,16 +8,17 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import EXIT_CRASHED, EXIT_FAILED_ITEMS, ConfigError, InputError
+from ..errors import ConfigError, InputError
 from ..log import get
 from ..modeling.loading import DEFAULT_MODEL
-from .root import DEVICE_HELP, DTYPE_HELP, Dtype, app, check_device, exits, parse_shard, quiet_libraries
+from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, ORIGINAL_CONFIG_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 DATA, MODEL, METHOD, OUTPUT = "Input", "Model", "Method", "Output"
 
 
-def _referrer(model, revision, device, dtype, seed, timestep, box_threshold, tokens, query, long_side):
+def _referrer(model, revision, device, dtype, seed, timestep, box_threshold, tokens, query, long_side, config,
+              original_config):
     from ..personal.refer import Referrer, ReferConfig
 
     cfg = ReferConfig(timestep=timestep, seed=seed, box_threshold=box_threshold, tokens=tokens, query=query,
@@ -25,7 +26,8 @@ def _referrer(model, revision, device, dtype, seed, timestep, box_threshold, tok
     quiet_libraries()
     log.info(f"loading {model} ...")
     return Referrer.from_pretrained(model, cfg, device=device, dtype=None if dtype == "auto" else dtype,
-                                    revision=revision)
+                                    revision=revision, config_source=config,
+                                    original_config=str(original_config) if original_config else None)
 
 
 def _one_photo(referrer, photo: Path, class_name: str, concepts: list[Path], texts: list[str],
@@ -66,8 +68,10 @@ def refer(
     concepts: Optional[Path] = typer.Option(None, help="Folder of trained concepts, one sub-folder per concept id (--data-root).", rich_help_panel=DATA),
     split: str = typer.Option("all", help="all | semantic | visual | variant (--data-root).", rich_help_panel=DATA),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N photos of the split.", rich_help_panel=DATA),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model.", rich_help_panel=MODEL),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
     device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
     dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
     seed: int = typer.Option(0, help="Global seed; each photo's draws come from (seed, photo id).", rich_help_panel=METHOD),
@@ -97,7 +101,8 @@ def refer(
     device = check_device(device)
     if (photo is None) == (data_root is None):
         raise ConfigError("give either a PHOTO (with --class, --concept, --text) or --data-root (with --concepts)")
-    args = (model, revision, device, dtype.value, seed, timestep, box_threshold, tokens, query, long_side)
+    args = (model, revision, device, dtype.value, seed, timestep, box_threshold, tokens, query, long_side, config,
+            original_config)
     if photo is not None:
         if not class_name:
             raise ConfigError("--class is required with a PHOTO (the class word of the items, e.g. mug)")
@@ -137,26 +142,7 @@ def _dataset(args, data_root, concepts, split, limit, out, workers, overwrite, s
     opts = RunOptions(out=out, workers=default_workers() if workers is None else workers, limit=limit,
                       overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress)
     summary = refer_dataset(referrer, ds, split, concepts, opts, log=log.info, dist=dist)
-    if not dist.main:
-        raise typer.Exit(EXIT_FAILED_ITEMS if summary.failed else 0)
-    _report(summary)
-    if summary.errors:
-        raise typer.Exit(EXIT_CRASHED)
-    if summary.failed:
-        raise typer.Exit(EXIT_FAILED_ITEMS)
-
-
-def _report(summary) -> None:
-    log.info(f"done: {summary.done} photo(s) written, {summary.skipped} already complete, {summary.failed} failed; "
-             f"{summary.seconds:.1f} s")
-    if summary.redone_changed:
-        log.info(f"redone because the input changed: {', '.join(summary.redone_changed[:10])}")
-    for e in summary.errors:
-        log.error(f"{e}; the outputs are written and the folder can be resumed")
-    if summary.failed:
-        log.error(f"{summary.failed} photo(s) failed; see {summary.failures_file}")
-        for f in summary.failures[:5]:
-            log.info(f"  {f['id']} [{f['stage']}]: {f['error']}")
+    finish_run(summary, "photo", dist.main)
 
 
 @app.command("personalize")
@@ -179,8 +165,10 @@ def personalize(
     checkpoint_every: int = typer.Option(250, min=0, help="Save a checkpoint every N steps (0: never).", rich_help_panel=OUTPUT),
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the newest checkpoint in <out>-checkpoints.", rich_help_panel=OUTPUT),
     seed: int = typer.Option(0, help="Seed of augmentations, noise and timesteps.", rich_help_panel=METHOD),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model.", rich_help_panel=MODEL),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
     device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.", rich_help_panel=OUTPUT),
 ) -> None:
@@ -201,7 +189,7 @@ def personalize(
     quiet_libraries()
     log.info(f"loading {model} ...")
     sd = load(model, device=dist.device() if dist.world > 1 and device == "auto" else device, dtype="fp32",
-              revision=revision)
+              revision=revision, config=config, original_config=str(original_config) if original_config else None)
     train_concept(sd, photos, out, cfg, [class_images] if class_images else (), resume=resume,
                   show_progress=progress)
     typer.echo(str(out))

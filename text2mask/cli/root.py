@@ -34,6 +34,9 @@ Every method's CLI reuses two helpers from this module:
 
 ``parse_shard`` / ``quiet_libraries``
     ``--shard I/N`` for job arrays; silencing diffusers/transformers before a model loads.
+
+``finish_run``
+    the end of a batch command on the shared runner: the summary, then exit 0, 1 or 3.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from ..errors import EXIT_CONFIG, EXIT_CRASHED, EXIT_INTERRUPTED, ConfigError
+from ..errors import EXIT_CONFIG, EXIT_CRASHED, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, ConfigError
 from ..log import get
 
 log = get(__name__)
@@ -117,6 +120,10 @@ def check_device(device: str) -> str:
 
 
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
+MODEL_HELP = "Hugging Face id, local diffusers folder, or single .ckpt/.safetensors file (SD 1.x or 2.x)."
+CONFIG_HELP = ("With a single-file --model: a diffusers folder or hub id with the component configs and "
+               "tokenizer (needed offline).")
+ORIGINAL_CONFIG_HELP = "With a single-file --model of a non-standard architecture: its original (ldm) YAML."
 DTYPE_HELP = "auto: fp16 on CUDA, fp32 otherwise."
 
 
@@ -145,6 +152,33 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def finish_run(summary, unit: str, main: bool = True, details: tuple[str, ...] = ()) -> None:
+    """The end of every batch command (generate, refer, slime segment, fewshot evaluate):
+    the summary (main process only), then the exit code: 3 when a record (run.json,
+    metrics.json) could not be written, 1 when some items failed, else return (0)."""
+    if not main:
+        if summary.failed:
+            raise typer.Exit(EXIT_FAILED_ITEMS)
+        return
+    done = details[0] if details else f"{summary.done} {unit}(s) written"
+    log.info(f"done: {done}, {summary.skipped} already complete, {summary.failed} failed; {summary.seconds:.1f} s")
+    if summary.redone_changed:
+        keys = summary.redone_changed
+        log.info(f"redone because the input changed: {len(keys)} ({', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''})")
+    for line in details[1:]:
+        log.info(line)
+    for e in summary.errors:
+        log.error(f"{e}; the outputs are written and the folder can be resumed")
+    if summary.failed:
+        log.error(f"{summary.failed} {unit}(s) failed; see {summary.failures_file}")
+        for f in summary.failures[:5]:
+            log.info(f"  {f['id']} [{f['stage']}]: {f['error']}")
+    if summary.errors:
+        raise typer.Exit(EXIT_CRASHED)
+    if summary.failed:
+        raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"text2mask {__version__}")
@@ -162,14 +196,3 @@ def _root(
     from ..log import setup
 
     setup(-1 if quiet else verbose)
-
-
-# The WSSS commands stay at the top level, where the first release put them.
-from . import wsss  # noqa: E402,F401  (registers its commands on ``app``)
-from . import slime as _slime  # noqa: E402
-app.add_typer(_slime.app, name="slime")
-from . import fewshot as _fewshot  # noqa: E402
-app.add_typer(_fewshot.app, name="fewshot")
-
-# Personalized referring segmentation: `refer` and `personalize` (top level, like the WSSS commands).
-from . import refer as _refer  # noqa: E402,F401  (registers its commands on ``app``)

@@ -7,9 +7,9 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from ..errors import EXIT_FAILED_ITEMS, InputError
+from ..errors import InputError
 from ..log import get
-from .root import DEVICE_HELP, DTYPE_HELP, Dtype, check_device, exits, quiet_libraries
+from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, ORIGINAL_CONFIG_HELP, Dtype, check_device, exits, finish_run, quiet_libraries
 
 log = get(__name__)
 
@@ -19,12 +19,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 SLIME_MODEL = "stabilityai/stable-diffusion-2-1-base"   # the official weights
 
 
-def _load_model(model: str, device: str, dtype: Dtype, revision: Optional[str]):
+def _load_model(model: str, device: str, dtype: Dtype, revision: Optional[str], config: Optional[str],
+                original_config: Optional[Path]):
     from ..modeling.loading import load
 
     quiet_libraries()
     log.info(f"loading {model} ...")
-    return load(model, device=device, dtype=dtype.value, revision=revision)
+    return load(model, device=device, dtype=dtype.value, revision=revision, config=config,
+                original_config=str(original_config) if original_config else None)
 
 
 def _segment_settings(base, **given):
@@ -42,6 +44,8 @@ def fit(
     out: Path = typer.Option(..., help="Parts file to write (e.g. car.slime)."),
     model: str = typer.Option(SLIME_MODEL, help="Hugging Face id or local folder (SD 1.x or 2.x; official: SD 2.1-base)."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only)."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP),
     val_image: Optional[Path] = typer.Option(None, help="Validation photo: keep the epoch that segments it best."),
     val_mask: Optional[Path] = typer.Option(None, help="Its index mask."),
     epochs: int = typer.Option(200, min=1, help="Passes over the training photos (steps = epochs x photos)."),
@@ -87,7 +91,7 @@ def fit(
                            rotate=rotate, init_prompt=init_prompt, seed=seed, mixed_precision=mixed_precision,
                            segment=SegmentSettings(tiles=tiles, tile_size=min(tile_size, canvas),
                                                    class_threshold=class_threshold, canvas=canvas))
-    sd = _load_model(model, check_device(device), dtype, revision)
+    sd = _load_model(model, check_device(device), dtype, revision, config, original_config)
     if sd.info.get("random_weights"):
         log.warning("the model has random weights (test model): the fitted parts are MEANINGLESS")
     checkpoint = out.with_name(out.name + ".ckpt")
@@ -107,6 +111,8 @@ def segment(
     out: Path = typer.Option(..., help="Output folder: masks/, overlays/, pictures/, run.json."),
     model: Optional[str] = typer.Option(None, help="Model (default: the one the parts were fitted on)."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only)."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP),
     timestep: Optional[int] = typer.Option(None, "--t", min=0, max=999, help="Noise level (default 100)."),
     tiles: Optional[int] = typer.Option(None, min=1, help="Tiles per side (default: as fitted, 1)."),
     tile_size: Optional[int] = typer.Option(None, min=8, help="Tile side on the 512 canvas (CelebA: 400 with 2 tiles)."),
@@ -141,15 +147,12 @@ def segment(
                                  class_threshold=class_threshold, keep_aspect=keep_aspect or None)
     if settings.tile_size > settings.canvas:
         raise InputError(f"--tile-size {settings.tile_size} is larger than the {settings.canvas}-pixel canvas")
-    sd = _load_model(model or p.model["id"], check_device(device), dtype, revision)
+    sd = _load_model(model or p.model["id"], check_device(device), dtype, revision, config, original_config)
     slime = Slime(sd, p, settings, seed)
     opts = RunOptions(out=out, batch_size=batch_size, workers=default_workers() if workers is None else workers,
                       limit=limit, overwrite=overwrite, progress=progress)
     summary = segment_photos(slime, parts, items, opts, overlays, pictures, gt, log=log.info)
-    log.info(f"done: {summary.done} written, {summary.skipped} already complete, {summary.failed} failed")
-    if summary.failed:
-        log.error(f"{summary.failed} photo(s) failed; see {out / 'failures.jsonl'}")
-        raise typer.Exit(EXIT_FAILED_ITEMS)
+    finish_run(summary, "photo")
 
 
 @app.command("import")
@@ -160,6 +163,8 @@ def import_(
     classes: Optional[str] = typer.Option(None, help="Class names, background first (default: background,part1,...)."),
     model: str = typer.Option(SLIME_MODEL, help="The model the embeddings were trained on (official: SD 2.1-base)."),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only)."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP),
     init_prompt: Optional[str] = typer.Option(None, help='The training --text_prompt, if one was given (default "part" x K).'),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.fp32, help=DTYPE_HELP),
@@ -167,7 +172,7 @@ def import_(
     """Convert an official SLiMe embedding folder into a parts file."""
     from ..slime.artifact import import_official, save_parts
 
-    sd = _load_model(model, check_device(device), dtype, revision)
+    sd = _load_model(model, check_device(device), dtype, revision, config, original_config)
     p = import_official(folder, sd, classes, init_prompt)
     save_parts(p, out)
     log.info(f"wrote {out} ({len(p.classes)} classes: {', '.join(p.classes)})")

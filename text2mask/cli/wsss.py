@@ -10,11 +10,14 @@ from typing import Optional
 
 import typer
 
+from ..data.voc import LABEL_SOURCES
 from ..modeling.loading import DEFAULT_MODEL
+from ..wsss.refine import CRF_IMAGES
+from ..wsss.result import MaskConfig
 
 from ..errors import EXIT_CONFIG, EXIT_FAILED_ITEMS as EXIT_FAILED_IMAGES, ConfigError, InputError
 from ..log import get, progress
-from .root import DEVICE_HELP, DTYPE_HELP, Dtype, app, check_device, exits, parse_shard, quiet_libraries
+from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, ORIGINAL_CONFIG_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 
@@ -28,16 +31,10 @@ class DatasetKind(str, Enum):
     folder = "folder"
 
 
-class LabelSource(str, Enum):
-    auto = "auto"
-    mask = "mask"
-    xml = "xml"
-    file = "file"
-
-
-class CrfImage(str, Enum):
-    reference = "reference"
-    rgb = "rgb"
+# Choices and defaults come from the modules that define them (one place each).
+LabelSource = Enum("LabelSource", {s: s for s in LABEL_SOURCES}, type=str)
+CrfImage = Enum("CrfImage", {m: m for m in CRF_IMAGES}, type=str)
+DEFAULTS = MaskConfig()
 
 
 def _err(msg: str) -> None:
@@ -93,22 +90,23 @@ def generate(
     prompts: Optional[str] = typer.Option(None, help="Class list and prompts: voc, coco, or a JSON file of that format.",
                                           rich_help_panel=DATA),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of the split.", rich_help_panel=DATA),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model.",
-                              rich_help_panel=MODEL),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
     revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
     device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
     dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
-    samples: int = typer.Option(1, min=1, help="Noise samples in the ensemble (paper: 10 for VOC).", rich_help_panel=METHOD),
-    seed: int = typer.Option(0, help="Global seed; each image's draws come from (seed, image id).", rich_help_panel=METHOD),
-    timestep: int = typer.Option(150, min=0, max=999, help="Noise level t of T=1000.", rich_help_panel=METHOD),
+    samples: int = typer.Option(DEFAULTS.samples, min=1, help="Noise samples in the ensemble (paper: 10 for VOC).", rich_help_panel=METHOD),
+    seed: int = typer.Option(DEFAULTS.seed, help="Global seed; each image's draws come from (seed, image id).", rich_help_panel=METHOD),
+    timestep: int = typer.Option(DEFAULTS.timestep, min=0, max=999, help="Noise level t of T=1000.", rich_help_panel=METHOD),
     box_threshold: Optional[float] = typer.Option(None, help="Class-aware box threshold (default: 0.2 VOC, 0.5 COCO; "
                                                   "0 disables).", rich_help_panel=METHOD),
     bg_tau: Optional[float] = typer.Option(None, help="Background tau (default: 1.0 VOC, 0.7 COCO).", rich_help_panel=METHOD),
     bg_power: Optional[float] = typer.Option(None, help="Background power p (default 2).", rich_help_panel=METHOD),
-    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement.", rich_help_panel=METHOD),
-    crf_image: CrfImage = typer.Option(CrfImage.reference, help="Colour image of the CRF's bilateral kernel: the "
+    crf: bool = typer.Option(DEFAULTS.crf, "--crf/--no-crf", help="Dense CRF refinement.", rich_help_panel=METHOD),
+    crf_image: CrfImage = typer.Option(CrfImage(DEFAULTS.crf_image), help="Colour image of the CRF's bilateral kernel: the "
                                        "reference's wrapped mean-subtracted BGR, or plain RGB.", rich_help_panel=METHOD),
-    confidence: float = typer.Option(0.95, help="CRF confidence below which the training mask says 255.",
+    confidence: float = typer.Option(DEFAULTS.confidence, help="CRF confidence below which the training mask says 255.",
                                      rich_help_panel=METHOD),
     max_pixels: int = typer.Option(4_000_000, min=0, help="Photos with more pixels are worked on area-shrunk (scores, "
                                    "CRF) and their masks written at full size; 0 = never.", rich_help_panel=METHOD),
@@ -133,7 +131,7 @@ def generate(
 ) -> None:
     """Pseudo masks for a dataset: masks/ (255 = unsure), initial/, crf/, records/, run.json, metrics.json."""
     from ..distributed import Distributed
-    from ..errors import DatasetError, EXIT_CRASHED
+    from ..errors import DatasetError
     from ..runs.budget import parse_budget, resolve_budget
     from ..runs.engine import default_workers
     from ..runs.folder import check_writable
@@ -159,7 +157,7 @@ def generate(
     if dist.world > 1 and device == "auto":
         device = dist.device()
     quiet_libraries()
-    from ..wsss.predictor import MaskConfig, Text2Mask
+    from ..wsss.predictor import Text2Mask
 
     try:
         cfg = MaskConfig(samples=samples, timestep=timestep, seed=seed, box_threshold=box_threshold,
@@ -170,45 +168,33 @@ def generate(
     # 2. The model, then the run.
     if dist.main:
         _log(f"loading {model} ...")
-    predictor = Text2Mask.from_pretrained(model, ds.class_set, cfg, device=device, dtype=dtype.value, revision=revision)
+    predictor = Text2Mask.from_pretrained(model, ds.class_set, cfg, device=device, dtype=dtype.value, revision=revision,
+                                          config_source=config,
+                                          original_config=str(original_config) if original_config else None)
     opts = RunOptions(out=out, batch_size=batch_size, workers=default_workers() if workers is None else workers,
                       limit=limit, overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress,
                       memory_budget=resolve_budget(memory_budget, str(predictor.sd.device)),
                       max_pixels=max_pixels or None, save_draws=save_draws, draws=draws)
     summary = run(predictor, ds, opts, log=_log, dist=dist)
     # 3. The summary (main process), and the exit code.
-    if not dist.main:
-        raise typer.Exit(EXIT_FAILED_IMAGES if summary.failed else 0)
-    _report(summary)
-    if summary.errors:
-        raise typer.Exit(EXIT_CRASHED)
-    if summary.failed:
-        raise typer.Exit(EXIT_FAILED_IMAGES)
+    finish_run(summary, "image", dist.main, _details(summary))
 
 
-def _report(summary) -> None:
-    """The end of ``generate``: counts, what was redone and why, the folder's status."""
+def _details(summary) -> tuple[str, ...]:
+    """What ``generate``'s summary says beyond the counts every run reports."""
     def ids(keys: list[str]) -> str:
         return ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
 
-    _log(f"done: {summary.done} written ({summary.no_labels} without labels, all background), "
-         f"{summary.skipped} already complete, {summary.failed} failed; {summary.seconds:.1f} s")
-    if summary.redone_changed:
-        _log(f"redone because the input changed: {len(summary.redone_changed)} ({ids(summary.redone_changed)})")
+    lines = [f"{summary.done} written ({summary.no_labels} without labels, all background)"]
     if summary.redone_stale:
-        _log(f"redone because another configuration (or no record) had written them: {len(summary.redone_stale)}")
+        lines.append(f"redone because another configuration (or no record) had written them: {len(summary.redone_stale)}")
     if summary.no_gt:
-        _log(f"not scored, no ground truth: {len(summary.no_gt)} ({ids(summary.no_gt)})")
+        lines.append(f"not scored, no ground truth: {len(summary.no_gt)} ({ids(summary.no_gt)})")
     if summary.worker_restarts:
-        _log(f"the writer processes were restarted {summary.worker_restarts} time(s) after one died")
+        lines.append(f"the writer processes were restarted {summary.worker_restarts} time(s) after one died")
     if summary.status not in ("complete", "failed"):
-        _log(f"folder status: {summary.status} (see run.json)")
-    for e in summary.errors:
-        _err(f"{e}; the outputs are written and the folder can be resumed")
-    if summary.failed:
-        _err(f"{summary.failed} image(s) failed; see {summary.failures_file}")
-        for f in summary.failures[:5]:
-            _log(f"  {f['id']} [{f['stage']}]: {f['error']}")
+        lines.append(f"folder status: {summary.status} (see run.json)")
+    return tuple(lines)
 
 
 @app.command()
@@ -362,17 +348,21 @@ def segment(
                                          "themselves); box threshold 0.2, background tau 1.0, power p 2.",
                                rich_help_panel=DATA),
     out: Path = typer.Option(Path("segment-out"), help="Output folder.", rich_help_panel=OUTPUT),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local diffusers folder of an SD v1 model.",
-                              rich_help_panel=MODEL),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
+    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
+    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
     device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
     dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
-    samples: int = typer.Option(1, min=1, help="Noise samples in the ensemble.", rich_help_panel=METHOD),
-    seed: int = typer.Option(0, help="Global seed; each image's draws come from (seed, file stem).",
+    samples: int = typer.Option(DEFAULTS.samples, min=1, help="Noise samples in the ensemble.", rich_help_panel=METHOD),
+    seed: int = typer.Option(DEFAULTS.seed, help="Global seed; each image's draws come from (seed, file stem).",
                              rich_help_panel=METHOD),
-    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement.", rich_help_panel=METHOD),
+    crf: bool = typer.Option(DEFAULTS.crf, "--crf/--no-crf", help="Dense CRF refinement.", rich_help_panel=METHOD),
 ) -> None:
-    """Open-vocabulary masks for photos: <out>/<stem>.png (index k = k-th phrase, 0 = background,
-    255 = unsure after the CRF; without the CRF the initial labels) and <out>/<stem>_overlay.png."""
+    """Open-vocabulary masks for photos, one class per phrase.
+
+    Writes <out>/<stem>.png (index k = k-th phrase, 0 = background, 255 = unsure after the
+    CRF; without the CRF the initial labels) and <out>/<stem>_overlay.png."""
     from ..io import read_image, write_index_png, write_png
     from ..visualize import overlay_with_legend
 
@@ -385,11 +375,12 @@ def segment(
     _check_outputs(out, images)
     # 2. The model, and the prompt of every phrase (a phrase too long for 77 tokens fails here).
     quiet_libraries()
-    from ..wsss.predictor import MaskConfig, Text2Mask
+    from ..wsss.predictor import Text2Mask
 
     log.info(f"loading {model} ...")
     predictor = Text2Mask.from_pretrained(model, cs, MaskConfig(samples=samples, seed=seed, crf=crf),
-                                          device=device, dtype=dtype.value)
+                                          device=device, dtype=dtype.value, revision=revision, config_source=config,
+                                          original_config=str(original_config) if original_config else None)
     classes = list(range(1, len(cs.classes) + 1))
     try:
         predictor.plan(classes)
@@ -426,10 +417,12 @@ def visualize(
                                       rich_help_panel=DATA),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: <run>/vis).", rich_help_panel=OUTPUT),
 ) -> None:
-    """Pictures of a run. WSSS: per-image strips photo | initial | CRF | ground truth | unsure
-    pixels, plus index.html (the last column is CRF confidence below the run's threshold,
-    masks/ 255, not the score gap; an image whose photo is missing is skipped, exit code 1,
-    and the page lists it). Refer: photo | segments | chosen mask per query | correlations.
+    """Pictures of a generate or refer run.
+
+    WSSS: per-image strips photo | initial | CRF | ground truth | unsure pixels, plus
+    index.html (the last column is CRF confidence below the run's threshold, masks/ 255,
+    not the score gap; an image whose photo is missing is skipped, exit code 1, and the
+    page lists it). Refer: photo | segments | chosen mask per query | correlations.
     SLiMe and few-shot runs draw their pictures while they run (--pictures / --visualize)."""
     from ..visualize import run_method, visualize_run
 

@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ..errors import DatasetError, InputError
+from ..io import IMAGE_SUFFIXES
 from ..classes import ClassSet
 
 
@@ -48,7 +49,6 @@ class Dataset:
         return self.label_reader(sample)
 
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def read_split_file(path: str | os.PathLike, notes: list[str] | None = None) -> list[str]:
@@ -72,7 +72,7 @@ def read_split_file(path: str | os.PathLike, notes: list[str] | None = None) -> 
         name = PurePosixPath(tokens[0]).name
         # Strip only image suffixes: a bare id may itself contain a dot.
         stem, suffix = os.path.splitext(name)
-        key = stem if suffix.lower() in _IMAGE_SUFFIXES else name
+        key = stem if suffix.lower() in IMAGE_SUFFIXES else name
         if key in ids:
             dups.append(key)
         ids.setdefault(key)

@@ -21,10 +21,10 @@ import csv
 from pathlib import Path, PurePosixPath
 
 from ..classes import ClassSet, load_class_set
+from ..io import IMAGE_SUFFIXES
 from .base import Dataset, DatasetError, Sample
 from .voc import class_indices, read_labels_file
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
 _HEADER_WORDS = {"file", "files", "filename", "image", "images", "imageid", "imagename",
                  "id", "name", "path", "filepath"}

@@ -96,9 +96,19 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16_cpu() -> bool:
+    """The CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX). Without it PyTorch's CPU
+    bf16 kernels are 10-100x slower than fp32 (scripts/benchmark.py)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on CUDA; on a CPU, bf16 where it is native (measured: 99.6 % of the
+    initial labels and 99.99 % of the CRF labels as in fp32), else fp32."""
     if dtype in (None, "", "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else torch.float32
     table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
              "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in table:
@@ -359,6 +369,8 @@ def load(model: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | 
 def _finish(sd: StableDiffusion) -> StableDiffusion:
     for m in (sd.vae, sd.unet, sd.text_encoder):
         m.to(sd.device).eval().requires_grad_(False)
+    log.info("%s (%s) on %s in %s", sd.info.get("model"), sd.info.get("family"), sd.device,
+             str(sd.dtype).replace("torch.", ""))
     return sd
 
 

@@ -28,12 +28,12 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..io import read_image
+from ..io import image_input
 from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
+from ..modeling.latents import Draws, image_seed, latent_sample, posterior, q_sample
 from ..modeling.loading import DEFAULT_MODEL, StableDiffusion, load
 from ..preprocess import MULTIPLE, Geometry, geometry, prepare
 from ..wsss import propagate as P
-from ..wsss.predictor import image_seed
 from . import assign, spectral
 from .concept import Concept, add_tokens
 from .query import SPAN_MODES, QueryPrompt, area_prompt, compose_query, subject_text, without_token
@@ -101,25 +101,6 @@ class ReferResult:
         return self.segments[None] == self.bf[:, None, None]
 
 
-def scene_geometry(height: int, width: int, long_side: int | None) -> Geometry:
-    """WSSS's reference geometry, or the same resize-and-pad with a chosen long side."""
-    if long_side is None:
-        return geometry(height, width)
-    s = long_side / max(height, width)
-    rh, rw = max(1, int(height * s)), max(1, int(width * s))
-    pad = lambda n: -(-n // MULTIPLE) * MULTIPLE  # noqa: E731
-    return Geometry(height, width, rh, rw, pad(rh), pad(rw))
-
-
-def to_image(grid: np.ndarray, geo: Geometry) -> np.ndarray:
-    """(h, w) labels -> (H, W) uint8, as WSSS labels: nearest to the padded input, crop
-    the padding, nearest to the photo's size."""
-    t = torch.from_numpy(np.asarray(grid, dtype=np.float32))
-    padded = P.resize(t, (geo.padded_height, geo.padded_width), "nearest")
-    cropped = padded[: geo.resized_height, : geo.resized_width]
-    return P.resize(cropped, (geo.height, geo.width), "nearest").to(torch.uint8).numpy()
-
-
 class Referrer:
     def __init__(self, sd: StableDiffusion, config: ReferConfig | None = None):
         self.sd = sd
@@ -129,25 +110,24 @@ class Referrer:
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, config: ReferConfig | None = None,
-                        device: str | None = None, dtype: str | None = None,
-                        revision: str | None = None) -> "Referrer":
-        return cls(load(model, device=device, dtype=dtype, revision=revision), config)
+                        device: str | None = None, dtype: str | None = None, revision: str | None = None,
+                        config_source: str | None = None, original_config: str | None = None) -> "Referrer":
+        """``model``: hub id, diffusers folder or single file (then ``config_source`` /
+        ``original_config`` are diffusers' ``config`` / ``original_config``)."""
+        return cls(load(model, device=device, dtype=dtype, revision=revision, config=config_source,
+                        original_config=original_config), config)
 
     # -- stage 1: the photo's noised latent, shared by every pass -------------------------
     def noised_latent(self, key: str, rgb: np.ndarray) -> tuple[torch.Tensor, Geometry]:
         """z_t = √ᾱ_t · (μ + σ·ε₀)·scale + √(1 − ᾱ_t)·ε, both draws from (seed, photo id)."""
         sd, cfg = self.sd, self.config
-        geo = scene_geometry(*rgb.shape[:2], cfg.long_side)
+        geo = geometry(*rgb.shape[:2], cfg.long_side)
         x = prepare(rgb, geo)[None].to(sd.device, sd.dtype)
         with torch.inference_mode():
-            posterior = sd.vae.encode(x).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
-        gen = torch.Generator().manual_seed(image_seed(cfg.seed, key))
-        eps0 = torch.randn(mean.shape[1:], generator=gen).to(sd.device)
-        noise = torch.randn((1, *mean.shape[1:]), generator=gen).to(sd.device)
-        a = self.sd.alphas_cumprod[cfg.timestep]
-        z = (mean[0] + std[0] * eps0) * sd.latent_scale
-        return (a.sqrt() * z + (1 - a).sqrt() * noise).to(sd.dtype), geo
+            mean, std = posterior(sd.vae, x)
+        draws = Draws.default(cfg.seed, key, mean.shape[1:], samples=1)
+        z = latent_sample(mean[0], std[0], draws.eps0.to(sd.device), sd.latent_scale)
+        return q_sample(z, sd.alphas_cumprod[cfg.timestep], draws.noise.to(sd.device)).to(sd.dtype), geo
 
     # -- prompts ----------------------------------------------------------------------------
     def _embed(self, concept: Concept | None, text: str) -> torch.Tensor:
@@ -222,22 +202,17 @@ class Referrer:
         a, prompts = self.instance_maps(z_t, queries, class_name)
         grid = spectral.segment(self_attn, area, k, seed=image_seed(self.config.seed, key))
         c = assign.correlation(a, grid, k)
-        return ReferResult(key, class_name, prompts, sc, area, a, grid, to_image(grid, geo), c,
+        segments_image = P.labels_to_image(torch.from_numpy(np.asarray(grid)), geo)
+        return ReferResult(key, class_name, prompts, sc, area, a, grid, segments_image, c,
                            assign.best_first(c) + 1, assign.assign_all(c) + 1)
 
     def __call__(self, image: str | Path | Image.Image | np.ndarray, queries: Sequence[Query], class_name: str,
                  segments: int | None = None, key: str | None = None) -> ReferResult:
-        if isinstance(image, (str, Path)):
-            key = key or Path(image).stem
-            rgb = read_image(image)
-        elif isinstance(image, Image.Image):
-            rgb = np.asarray(image.convert("RGB"))
-        else:
-            rgb = np.ascontiguousarray(image, dtype=np.uint8)
+        key, rgb = image_input(image, key)
         if segments is not None and segments < len(queries):
-            raise InputError(f"{key or 'image'}: {segments} segment(s) for {len(queries)} queries; each queried "
+            raise InputError(f"{key}: {segments} segment(s) for {len(queries)} queries; each queried "
                              "item needs its own segment")
-        return self.refer(key or "image", rgb, queries, class_name, segments)
+        return self.refer(key, rgb, queries, class_name, segments)
 
     def describe(self) -> dict:
         return {"config": asdict(self.config), "cross_blocks": list(CROSS_BLOCKS), "self_block": SELF_BLOCK}

@@ -26,12 +26,11 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..io import read_image
+from ..io import IMAGE_SUFFIXES, read_image
 from ..log import get, progress
 from .concept import KV_PARAMS, Q_OUT_PARAMS, add_tokens, save_concept
 
 log = get(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -252,7 +251,7 @@ def _fit(sd, model, acc, instance, prior, names, params, steps, out, cfg, resume
     # 3. The loop.
     sd.vae.requires_grad_(False)
     alphas = sd.alphas_cumprod.to(acc.device, torch.float32)
-    v_pred = getattr(sd.unet.config, "prediction_type", "epsilon") == "v_prediction"
+    v_pred = sd.prediction_type == "v_prediction"
     bar = progress(total=steps, initial=start, enabled=show_progress and acc.is_main_process, desc="personalize",
                    unit="step")
     for _ in range(start * cfg.accumulation):   # the data already seen before the checkpoint

@@ -417,7 +417,8 @@ def _close(method, items, selected, opts, log, out, fp, config, claim, part, fai
         if ev.metrics is not None and _try_write(summary, out / "metrics.json", ev.metrics):
             summary.metrics = ev.metrics
     elif opts.shard is not None:
-        log("shard done; once every shard has finished, `text2mask evaluate` scores the whole folder")
+        log("shard done; once every shard has finished, the same command without --shard scores the whole "
+            "folder (it finds every item complete and writes only the metrics)")
     if failures.unwritten:
         summary.errors.append(f"{failures.path}: {failures.unwritten} failure line(s) could not be written")
     mine = "failed" if summary.failed else "complete"

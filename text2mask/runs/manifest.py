@@ -65,5 +65,8 @@ def manifest(*, method, fingerprint: dict, config: str, opts, started: float, st
         s = {k: v for k, v in asdict(summary).items() if k not in ("failures", "metrics")}
         s["seconds_per_item"] = summary.seconds / summary.done if summary.done else None
         s["items_per_second"] = summary.done / summary.seconds if summary.seconds else None
+        # Share of wall time the model side waited for a full writer queue: above ~0.05,
+        # more writer workers (CRF cores) would speed the run up.
+        s["queue_wait_share"] = summary.queue_wait_seconds / summary.seconds if summary.seconds else None
         doc["run"] = s
     return doc

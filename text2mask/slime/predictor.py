@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import read_image
+from ..io import image_input
 from ..modeling.latents import image_seed
 from . import segment as S
 from .artifact import SlimeParts, check_model, load_parts, model_identity, save_parts
@@ -85,14 +85,7 @@ class Slime:
                 for (key, rgb), c, sc in zip(items, canvases, scores)]
 
     def __call__(self, image: str | Path | Image.Image | np.ndarray, key: str | None = None) -> SlimeResult:
-        if isinstance(image, (str, Path)):
-            key = key or Path(image).stem
-            rgb = read_image(image)
-        elif isinstance(image, Image.Image):
-            rgb = np.asarray(image.convert("RGB"))
-        else:
-            rgb = np.ascontiguousarray(image, dtype=np.uint8)
-        return self.segment([(key or "image", rgb)])[0]
+        return self.segment([image_input(image, key)])[0]
 
     def describe(self) -> dict:
         return {"classes": self.classes, "segment": asdict(self.settings), "seed": self.seed,

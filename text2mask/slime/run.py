@@ -24,12 +24,12 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from ..io import read_image, write_index_png, write_png
+from ..io import IMAGE_SUFFIXES, read_image, write_index_png, write_png
 from ..runs import RunOptions, RunSummary, run
 from ..runs.manifest import model_identity
 from ..runs.method import Evaluation
 from ..runs.records import file_digest, marker_path
-from ..visualize import IMAGE_SUFFIXES, overlay
+from ..visualize import overlay
 from .pictures import was_strip
 from .predictor import Slime, SlimeResult
 

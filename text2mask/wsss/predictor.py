@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from . import propagate as P
-from ..io import read_image
+from ..io import image_input
 from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
-from ..modeling.latents import Draws, image_seed, latent_sample, posterior, q_sample
+from ..modeling.latents import Draws, latent_sample, posterior, q_sample
 from ..modeling.loading import DEFAULT_MODEL, StableDiffusion, load
 from ..preprocess import Geometry, geometry, prepare
 from ..classes import ClassSet, load_class_set
@@ -110,14 +110,7 @@ class Text2Mask:
     # -- one image, end to end -------------------------------------------------------
     def __call__(self, image: str | Path | Image.Image | np.ndarray, labels: Sequence[int | str],
                  key: str | None = None) -> MaskResult:
-        if isinstance(image, (str, Path)):
-            key = key or Path(image).stem
-            rgb = read_image(image)
-        elif isinstance(image, Image.Image):
-            rgb = np.asarray(image.convert("RGB"))
-        else:
-            rgb = np.ascontiguousarray(image, dtype=np.uint8)
-        key = key or "image"
+        key, rgb = image_input(image, key)
         classes = self.class_set.indices(labels)
         if not classes:
             att = background_only(key, *rgb.shape[:2])

@@ -114,15 +114,16 @@ def check_class_set_fits(tokenizer, class_set: ClassSet, max_tokens: int = MAX_T
     """Every class, alone and by its plain name, must fit in one prompt: the overflow plan
     can split an image's classes over prompts but never shorten one class. Checked once,
     before any image, instead of failing every image that has the class."""
+    where = class_set.source or f"class set '{class_set.name}'"
     for k in range(1, len(class_set.classes) + 1):
         spec = class_set.spec(k)
         try:
             p = compose(tokenizer, [spec.name], [k], ())
         except ValueError as e:
-            raise ConfigError(f"class set '{class_set.name}', class {k} {spec.name!r}: {e}") from None
+            raise ConfigError(f"{where}: class {k} {spec.name!r}: {e}") from None
         if p.num_tokens > max_tokens:
-            raise ConfigError(f"class set '{class_set.name}', class {k} {spec.name[:40]!r}...: {p.num_tokens} tokens "
-                              f"in its shortest prompt ({PREFIX!r} + name + '.'), more than CLIP's {max_tokens}")
+            raise ConfigError(f"{where}: class {k} {spec.name[:40]!r}...: does not fit in {max_tokens} tokens "
+                              f"({p.num_tokens} in its shortest prompt, {PREFIX!r} + name + '.')")
 
 
 def plan_prompts(tokenizer, class_set: ClassSet, classes: Sequence[int],

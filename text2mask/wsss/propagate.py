@@ -109,20 +109,26 @@ def scores_with_background(self_cross_maps: torch.Tensor, tau: float, power: flo
     return torch.cat([background(self_cross_maps, tau, power)[None], self_cross_maps])
 
 
+def labels_to_image(grid_labels: torch.Tensor, geo) -> np.ndarray:
+    """A label grid (h, w) at the photo's size, uint8: nearest to the padded input, crop
+    the padding, nearest to the original size (the reference's path; integer labels)."""
+    padded = (geo.padded_height, geo.padded_width)
+    crop = (slice(0, geo.resized_height), slice(0, geo.resized_width))
+    labels = resize(resize(grid_labels.float(), padded, "nearest")[crop], (geo.height, geo.width), "nearest")
+    return labels.to(torch.uint8).numpy()
+
+
 def to_image(scores: torch.Tensor, classes: Sequence[int], geo) -> tuple[np.ndarray, np.ndarray]:
     """Labels and score maps at the original image size.
 
-    The label grid (argmax of the grid scores, as class indices) goes nearest to the
-    padded input, is cropped, then nearest to the original size; the scores take the
-    same path bilinearly and are the CRF's input. Returns (labels uint8 (h, w),
-    scores float32 (K + 1, h, w))."""
+    The label grid (argmax of the grid scores, as class indices) takes
+    ``labels_to_image``'s path; the scores take the same path bilinearly and are the
+    CRF's input. Returns (labels uint8 (h, w), scores float32 (K + 1, h, w))."""
     lut = torch.tensor([0, *classes], dtype=torch.float32)
-    grid_labels = lut[scores.argmax(dim=0).cpu()]
+    labels = labels_to_image(lut[scores.argmax(dim=0).cpu()], geo)
     padded = (geo.padded_height, geo.padded_width)
-    crop = (slice(0, geo.resized_height), slice(0, geo.resized_width))
-    size = (geo.height, geo.width)
-    labels = resize(resize(grid_labels, padded, "nearest")[crop], size, "nearest")
-    full = resize(resize(scores.float().cpu(), padded)[(slice(None), *crop)], size)
+    crop = (slice(None), slice(0, geo.resized_height), slice(0, geo.resized_width))
+    full = resize(resize(scores.float().cpu(), padded)[crop], (geo.height, geo.width))
     if not torch.isfinite(full).all():
         raise FloatingPointError("non-finite class scores (NaN guard)")
-    return labels.to(torch.uint8).numpy(), full.numpy()
+    return labels, full.numpy()

@@ -14,7 +14,8 @@ import pydensecrf.densecrf as dcrf
 
 # ImageNet/Caffe pixel mean in B, G, R order, as used by the reference code.
 BGR_MEAN = np.array([104.008, 116.669, 122.675])
-CRF_IMAGES = ("reference", "rgb")  # the colour images the bilateral kernel can be given
+CRF_IMAGES = ("reference", "rgb")
+TRAINING_MASK_CONFIDENCE = 0.95  # paper §5.1: CRF confidence below it -> 255 (ignore) in the training mask  # the colour images the bilateral kernel can be given
 
 
 def _check_rgb(rgb: np.ndarray) -> None:
@@ -93,7 +94,7 @@ def crf_labels(q: np.ndarray, classes=None) -> tuple[np.ndarray, np.ndarray]:
     return labels, confidence
 
 
-def training_mask(labels: np.ndarray, confidence: np.ndarray, threshold: float = 0.95,
+def training_mask(labels: np.ndarray, confidence: np.ndarray, threshold: float = TRAINING_MASK_CONFIDENCE,
                   ignore: int = 255, classes=None) -> np.ndarray:
     """Labels with every pixel whose confidence is below ``threshold`` set to ``ignore``.
 

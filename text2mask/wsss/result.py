@@ -12,7 +12,7 @@ import numpy as np
 from ..classes import ClassSet, check_method_parameters
 from ..errors import ConfigError
 from .prompts import PromptPlan
-from .refine import CRF_IMAGES, crf_labels, dense_crf, training_mask
+from .refine import CRF_IMAGES, TRAINING_MASK_CONFIDENCE, crf_labels, dense_crf, training_mask
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class MaskConfig:
     background_power: float | None = None   # 2
     crf: bool = True
     crf_image: str = "reference"            # one of refine.CRF_IMAGES
-    confidence: float = 0.95                # below -> 255 in the training mask
+    confidence: float = TRAINING_MASK_CONFIDENCE  # below -> 255 in the training mask
 
     def resolved(self, class_set: ClassSet) -> "MaskConfig":
         """Class-set defaults filled in, every value checked: nonsense is refused before any
