@@ -142,7 +142,15 @@ def strip(photo: np.ndarray | Image.Image, initial: np.ndarray, crf: np.ndarray 
         if a.shape[:2] != (h, w):
             raise ValueError(f"{title} is {a.shape[1]}x{a.shape[0]} but the photo is {w}x{h}")
     present = np.unique(np.concatenate([np.unique(a) for _, a in labelled if a is not None]))
-    leg = legend(present.tolist(), names, width=w * len(panels))
+    return titled_row(panels, present.tolist(), names)
+
+
+def titled_row(panels: Sequence[tuple[str, np.ndarray]], classes: Sequence[int],
+               names: Sequence[str]) -> Image.Image:
+    """Equal-size (h, w, 3) panels side by side, each titled underneath, and below them a
+    legend of ``classes`` wrapped to the row's width."""
+    h, w = panels[0][1].shape[:2]
+    leg = legend(classes, names, width=w * len(panels))
     out = Image.new("RGB", (w * len(panels), h + CAPTION_HEIGHT + leg.height), "white")
     for i, (title, a) in enumerate(panels):
         out.paste(Image.fromarray(a), (i * w, 0))

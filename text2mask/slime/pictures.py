@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..visualize import CAPTION_HEIGHT, caption, colorize, legend
+from ..visualize import colorize, titled_row
 
 
 def was_panel(score: np.ndarray, valid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -33,10 +33,4 @@ def was_strip(rgb: np.ndarray, scores: np.ndarray, valid: tuple[int, int], label
     panels = [("photo", rgb)]
     panels += [(f"WAS {names[k]}", was_panel(scores[k], valid, (h, w))) for k in range(len(names))]
     panels.append(("labels", colorize(labels)))
-    leg = legend(np.unique(labels).tolist(), names, width=w * len(panels))
-    out = Image.new("RGB", (w * len(panels), h + CAPTION_HEIGHT + leg.height), "white")
-    for i, (title, a) in enumerate(panels):
-        out.paste(Image.fromarray(a), (i * w, 0))
-        out.paste(caption(title, w), (i * w, h))
-    out.paste(leg, (0, h + CAPTION_HEIGHT))
-    return out
+    return titled_row(panels, np.unique(labels).tolist(), names)
