@@ -8,8 +8,9 @@ scaled_linear schedule) and measures, on real VOC photos, per padded size:
   floor     the truncated floor: VAE encode + the UNet with its default fused attention,
             stopped right after block 11's self-attention (the pipeline's own stop). No
             implementation of the method can do less model work.
-  pipeline  Text2Mask.attend, 1 sample, vs that floor (floors and attends interleaved)
-  ten       10 samples: attend vs VAE encode + a 10-row truncated UNet
+  pipeline  Text2Mask.attend, 1 sample, vs that floor: --rounds pairs back to back
+            (alternating which goes first), the median of the pair ratios
+  ten       10 samples: attend vs VAE encode + a 10-row truncated UNet, the same way
   runner    the real batch runner (text2mask.wsss.run.generate), CRF on in 1 worker
             process: wall per image vs the floor; the model's wait for the CRF queue
   crf       CRF + PNG rate (text2mask.wsss.write.finish) in 1 and 2 worker processes ->
@@ -23,8 +24,10 @@ scaled_linear schedule) and measures, on real VOC photos, per padded size:
             normalisation / fused attention computed in fp32 and rounded to it, which is
             what the native kernels compute (fp32 accumulation, rounded result).
   kernels   channels_last (NHWC, oneDNN's native convolution layout) for the fp32 VAE
-            and UNet: time vs eager, relative difference of the score maps, label
-            agreement (kept only if faster with maps within 1e-5 relative of eager)
+            and UNet, and --compile (the VAE encoder through torch.compile): time vs
+            eager, cold compile time and break-even, relative difference of the captured
+            attention maps and of the score maps, label agreement (kept only if faster
+            with attention maps within 1e-5 relative of eager)
   memory    peak resident memory of the 1024-pixel case vs the model weights
 
 Targets (issue 11): 1 sample <= 1.05 x truncated floor; 10 samples <= 1.05 x (VAE + 10-row
@@ -291,6 +294,7 @@ class Profile:
 
     def __init__(self):
         self.acc = {k: 0.0 for k in self.STAGES}
+        self.last_maps = None
 
     def snapshot(self) -> dict:
         return dict(self.acc)
@@ -312,10 +316,20 @@ class Profile:
         from text2mask.modeling import capture
         from text2mask.wsss import propagate as P
 
-        sd.vae.encode = self._timed("vae_encode", sd.vae.encode)
+        from text2mask.modeling.loading import StableDiffusion
+
+        # At the posterior, outside any compiled region: a timer inside one would be traced
+        # by torch.compile (a Python float it guards on: a recompile at every call).
+        if not hasattr(StableDiffusion.posterior, "__wrapped__"):
+            StableDiffusion.posterior = self._timed("vae_encode", StableDiffusion.posterior)
         sd.text_encoder.forward = self._timed("text_encode", sd.text_encoder.forward)
         if not hasattr(capture.AttentionCapture.run, "__wrapped__"):
-            capture.AttentionCapture.run = self._timed("unet_capture", capture.AttentionCapture.run)
+            run = capture.AttentionCapture.run
+
+            def keep(cap, *a, **k):          # the captured maps of the last call, for the kernels step
+                self.last_maps = run(cap, *a, **k)
+                return self.last_maps
+            capture.AttentionCapture.run = self._timed("unet_capture", keep)
         for name in ("class_cross", "propagate", "to_image"):
             if not hasattr(getattr(P, name), "__wrapped__"):
                 setattr(P, name, self._timed(name, getattr(P, name)))
@@ -359,6 +373,27 @@ def truncated_unet(sd, z_t, t, emb) -> None:
 def mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _round(attend: dict, floor: dict) -> dict:
+    """One floor/attend pair measured back to back. ``extra_seconds`` is the work attend
+    does beyond the floor's, timed inside it: text encode and the propagation stages (the
+    explicit probabilities of the hooked layers are inside the UNet time)."""
+    b = attend["breakdown"]
+    extra = b["text_encode"] + b["class_cross"] + b["propagate"] + b["to_image"]
+    return {"key": attend["key"], "size": attend["size"], "rows": floor["rows"],
+            "attend_seconds": attend["seconds"], "floor_seconds": floor["seconds"],
+            "ratio": attend["seconds"] / floor["seconds"], "cpu_ratio": attend["cpu_seconds"] / floor["cpu_seconds"],
+            "unet_ratio": b["unet_capture"] / floor["unet_seconds"], "vae_ratio": b["vae_encode"] / floor["vae_seconds"],
+            "extra_seconds": extra, "extra_share": extra / floor["seconds"]}
 
 
 def relative_difference(a, b) -> float:
@@ -539,21 +574,25 @@ class Bench:
         self.save()
 
     def step_pipeline(self) -> None:
-        """Per padded size: warm-up attend, then floor / attend / floor (interleaved)."""
+        """Per padded size: a warm-up attend, then ``--rounds`` rounds of one floor and one
+        attend on the same photo, back to back, alternating which goes first. A round's
+        ratio compares two runs a few seconds apart, so a change of the machine's load
+        between rounds cancels; the reported ratio is the median over rounds."""
         warm = {r["key"] for r in self.doc["attend"].get("warmup", [])}
         for keys in filter(None, (self.keys768, self.keys1024)):
-            log(f"[floor/pipeline] {self.size_of[keys[0]]}")
-            if keys[0] not in warm and {"pipeline"} & self.steps:
+            size = self.size_of[keys[0]]
+            log(f"[floor/pipeline] {size}: {self.args.rounds} round(s) per photo")
+            if keys[0] not in warm:
                 rec, _ = self.attend(keys[0], label="attend(warm-up)")
                 self.doc["attend"].setdefault("warmup", []).append(rec)
-            for i, key in enumerate(keys):
-                if i == 0 and "floor" in self.steps:
-                    self.floor(key)
-                if "pipeline" in self.steps:
-                    rec, _ = self.attend(key)
-                    self.doc["attend"].setdefault("one", []).append(rec)
-                if "floor" in self.steps:
-                    self.floor(key)
+            for key in keys:
+                for r in range(self.args.rounds):
+                    order = ("floor", "attend") if r % 2 == 0 else ("attend", "floor")
+                    got = {}
+                    for what in order:
+                        got[what] = self.floor(key) if what == "floor" else self.attend(key)[0]
+                    self.doc["attend"].setdefault("one", []).append(got["attend"])
+                    self.doc.setdefault("rounds", {}).setdefault(size, []).append(_round(got["attend"], got["floor"]))
             self.save()
 
     def step_ten(self) -> None:
@@ -562,11 +601,18 @@ class Bench:
 
         key = self.keys[0]
         p10 = Text2Mask(self.sd, self.predictor.class_set, MaskConfig(samples=10))
-        log(f"[ten] 10 samples at {self.size_of[key]}: attend vs VAE encode + 10-row truncated UNet")
-        rec, _ = self.attend(key, predictor=p10)
-        fl = self.floor(key, rows=10)
-        self.doc["ten"] = {"attend": rec, "floor": fl, "ratio": rec["seconds"] / fl["seconds"],
-                           "cpu_ratio": rec["cpu_seconds"] / fl["cpu_seconds"]}
+        log(f"[ten] 10 samples at {self.size_of[key]}: attend vs VAE encode + 10-row truncated UNet, "
+            f"{self.args.rounds} round(s)")
+        rounds = []
+        for r in range(self.args.rounds):
+            order = ("floor", "attend") if r % 2 == 0 else ("attend", "floor")
+            got = {}
+            for what in order:
+                got[what] = self.floor(key, rows=10) if what == "floor" else self.attend(key, predictor=p10)[0]
+            rounds.append(_round(got["attend"], got["floor"]))
+        self.doc["ten"] = {"size": self.size_of[key], "rounds": rounds,
+                           "ratio": median([r["ratio"] for r in rounds]),
+                           "cpu_ratio": median([r["cpu_ratio"] for r in rounds])}
         self.save()
 
     def step_runner(self) -> None:
@@ -715,38 +761,85 @@ class Bench:
             self.save()
 
     def step_kernels(self) -> None:
-        """channels_last (NHWC convolution weights, so NHWC activations: oneDNN's native
-        layout) on the fp32 VAE and UNet vs eager, on the same photo; converted back after
-        (exactly: a layout change moves no value). It would be kept only if faster with
-        the score maps within RELATIVE_TOLERANCE of eager."""
+        """Faster fp32 kernels, each against eager on the same photo, in ``--rounds`` rounds
+        (eager and variant back to back, alternating order):
+
+        channels_last  NHWC convolution weights, so NHWC activations (oneDNN's native
+                       layout), for the VAE and the UNet; converted back after (exact).
+        compile        ``--compile``: the VAE encoder through torch.compile (inductor), as
+                       text2mask.modeling.kernels ships it. The first call compiles (into an
+                       empty inductor cache: the cold cost); break-even = compile seconds /
+                       seconds saved per image.
+
+        A variant is exact if the attention maps it captures are within RELATIVE_TOLERANCE
+        of eager's; the score maps are reported too (on random weights their min-max
+        normalisation of nearly flat maps magnifies any reordering of fp32 sums)."""
         import torch
+
+        from text2mask.modeling.kernels import compile_vae_encoder
+        from text2mask.wsss.predictor import Text2Mask
 
         self.ensure_atts()
         key = self.keys[0]
-        eager = next((r for r in reversed(self.doc["attend"].get("one", [])) if r["key"] == key), None)
-        if eager is None:
-            eager, _ = self.attend(key, label="attend(eager)")
-        log(f"[kernels] channels_last at {self.size_of[key]}")
-        try:
+        rec, ref = self.attend(key, label="attend(eager reference)", keep=False)
+        ref_maps = self.prof.last_maps
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.work / "inductor-cache")   # cold compile
+        compiled = Text2Mask(compile_vae_encoder(self.sd), self.predictor.class_set, self.predictor.config)
+        log(f"[kernels] compile: first call at {self.size_of[key]} (compiles the VAE encoder)")
+        first, _ = self.attend(key, predictor=compiled, label="attend compile(first call)", keep=False)
+
+        def channels_last(on: bool) -> None:
             for m in (self.sd.vae, self.sd.unet):
-                m.to(memory_format=torch.channels_last)
-            fast, att = self.attend(key, label="attend channels_last", keep=False)
-        finally:
-            for m in (self.sd.vae, self.sd.unet):
-                m.to(memory_format=torch.contiguous_format)
-        ref = self.atts[key]
-        rec = {"seconds": fast["seconds"], "cpu_seconds": fast["cpu_seconds"],
-               "eager_seconds": eager["seconds"], "eager_cpu_seconds": eager["cpu_seconds"],
-               "ratio": fast["seconds"] / eager["seconds"], "cpu_ratio": fast["cpu_seconds"] / eager["cpu_seconds"],
-               "stages": stages(fast["breakdown"]), "eager_stages": stages(eager["breakdown"]),
-               "score_relative_difference": relative_difference(att.scores, ref.scores),
-               "label_agreement": float((att.labels == ref.labels).mean())}
-        rec["keep"] = rec["score_relative_difference"] <= RELATIVE_TOLERANCE and rec["cpu_ratio"] < 1
-        log(f"  channels_last: {rec['ratio']:.3f} x eager (cpu {rec['cpu_ratio']:.3f}); score maps relative "
-            f"difference {rec['score_relative_difference']:.1e}; labels agree on {rec['label_agreement']:.4f}; "
-            f"{'KEEP' if rec['keep'] else 'drop'}")
-        self.doc["kernels"] = {"channels_last": rec}
-        self.save()
+                m.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+        variants = {"channels_last": (self.predictor, channels_last), "compile": (compiled, lambda on: None)}
+        self.doc["kernels"] = {}
+        for name, (predictor, switch) in variants.items():
+            log(f"[kernels] {name} vs eager at {self.size_of[key]}, {self.args.rounds} round(s)")
+            rounds = []
+            for r in range(self.args.rounds):
+                order = ("eager", name) if r % 2 == 0 else (name, "eager")
+                got = {}
+                for what in order:
+                    if what == "eager":
+                        got[what] = self.attend(key, label="attend eager", keep=False)[0]
+                        continue
+                    switch(True)
+                    try:
+                        got[what] = self.attend(key, predictor=predictor, label=f"attend {name}", keep=False)
+                    finally:
+                        switch(False)
+                fast, att = got[name]
+                maps = self.prof.last_maps if order[-1] == name else None
+                rounds.append({"seconds": fast["seconds"], "cpu_seconds": fast["cpu_seconds"],
+                               "eager_seconds": got["eager"]["seconds"], "eager_cpu_seconds": got["eager"]["cpu_seconds"],
+                               "vae_ratio": fast["breakdown"]["vae_encode"] / got["eager"]["breakdown"]["vae_encode"],
+                               "unet_ratio": fast["breakdown"]["unet_capture"] / got["eager"]["breakdown"]["unet_capture"]})
+                if maps is not None:
+                    kept = (maps, att)
+            maps, att = kept
+            attention_diff = max([relative_difference(maps.self_attn, ref_maps.self_attn)]
+                                 + [relative_difference(maps.cross[b], ref_maps.cross[b]) for b in ref_maps.cross])
+            k = {"rounds": rounds, "ratio": median([r["seconds"] / r["eager_seconds"] for r in rounds]),
+                 "cpu_ratio": median([r["cpu_seconds"] / r["eager_cpu_seconds"] for r in rounds]),
+                 "vae_ratio": median([r["vae_ratio"] for r in rounds]),
+                 "unet_ratio": median([r["unet_ratio"] for r in rounds]),
+                 "attention_relative_difference": attention_diff,
+                 "score_relative_difference": relative_difference(att.scores, ref.scores),
+                 "label_agreement": float((att.labels == ref.labels).mean())}
+            if name == "compile":
+                eager_s = median([r["eager_seconds"] for r in rounds])
+                saved = eager_s - median([r["seconds"] for r in rounds])
+                k["compile_seconds"] = first["seconds"] - eager_s
+                k["break_even_images"] = k["compile_seconds"] / saved if saved > 0 else None
+            k["keep"] = k["attention_relative_difference"] <= RELATIVE_TOLERANCE and k["cpu_ratio"] < 0.97
+            log(f"  {name}: {k['ratio']:.3f} x eager (cpu {k['cpu_ratio']:.3f}; VAE {k['vae_ratio']:.3f}, UNet "
+                f"{k['unet_ratio']:.3f}); attention maps rel. diff {attention_diff:.1e}, score maps "
+                f"{k['score_relative_difference']:.1e}; labels agree {k['label_agreement']:.4f}"
+                + (f"; compile {k['compile_seconds']:.1f} s, break-even {_num(k['break_even_images'])} images"
+                   if name == "compile" else "") + f"; {'KEEP' if k['keep'] else 'drop'}")
+            self.doc["kernels"][name] = k
+            self.save()
 
     # -- report ------------------------------------------------------------------------
     def report(self) -> None:
@@ -762,23 +855,17 @@ class Bench:
             add(f"truncated floor {size} (VAE {mean([r['vae_seconds'] for r in recs]):.1f} + UNet-to-11 "
                 f"{mean([r['unet_seconds'] for r in recs]):.1f})", mean(s), 1.0,
                 extra=f"n={len(s)} min {min(s):.1f} max {max(s):.1f}")
-        by_size: dict = {}
-        for rec in d["attend"].get("one", []):
-            by_size.setdefault(rec["size"], []).append(rec)
-        for size, recs in sorted(by_size.items()):
-            s = mean([r["seconds"] for r in recs])
-            f, fc = self.floor_mean(size), self.floor_mean(size, "cpu_seconds")
-            ratio = f and s / f
-            cpu = f"cpu-ratio {mean([r['cpu_seconds'] for r in recs]) / fc:.3f}; " if fc else ""
-            add(f"pipeline (attend) 1 sample {size}", s, ratio, f"<= {TARGET_ONE}",
-                None if ratio is None else ratio <= TARGET_ONE,
-                cpu + _fmt_breakdown(_mean_breakdown(recs), s))
+        for size, rounds in sorted(d.get("rounds", {}).items()):
+            ratio = median([r["ratio"] for r in rounds])
+            add(f"pipeline (attend) 1 sample {size}", median([r["attend_seconds"] for r in rounds]), ratio,
+                f"<= {TARGET_ONE}", ratio <= TARGET_ONE, _fmt_rounds(rounds) + "; "
+                + _fmt_breakdown(_mean_breakdown([r for r in d["attend"]["one"] if r["size"] == size]),
+                                 mean([r["attend_seconds"] for r in rounds])))
         t = d.get("ten")
         if t:
-            add(f"pipeline (attend) 10 samples {t['attend']['size']}", t["attend"]["seconds"], t["ratio"],
-                f"<= {TARGET_TEN}", t["ratio"] <= TARGET_TEN,
-                f"cpu-ratio {t['cpu_ratio']:.3f}; floor10 = VAE {t['floor']['vae_seconds']:.1f} + "
-                f"UNet-to-11(10 rows) {t['floor']['unet_seconds']:.1f} s")
+            add(f"pipeline (attend) 10 samples {t['size']}", median([r["attend_seconds"] for r in t["rounds"]]),
+                t["ratio"], f"<= {TARGET_TEN}", t["ratio"] <= TARGET_TEN,
+                _fmt_rounds(t["rounds"]) + " (floor: VAE + 10-row truncated UNet)")
         r = d.get("runner")
         if r:
             ratio = r["floor_sum_seconds"] and r["wall_seconds"] / r["floor_sum_seconds"]
@@ -811,10 +898,13 @@ class Bench:
                     + (f"s {name}/fp32: {stage}, crf {im['crf_seconds']:.2f}/{im['fp32_crf_seconds']:.2f}"
                        if v["mode"] == "native" else "time: not native on this CPU"))
         for name, k in d.get("kernels", {}).items():
-            add(f"{name}, fp32 (attend vs eager)", k["seconds"], k["ratio"], "faster, exact",
-                extra=f"{'KEEP' if k['keep'] else 'drop'}: cpu-ratio {k['cpu_ratio']:.3f}; score maps rel. diff "
-                f"{k['score_relative_difference']:.1e}; labels agree {k['label_agreement']:.4f}")
-
+            extra = (f"compile {k['compile_seconds']:.1f} s cold, break-even {_num(k['break_even_images'])} images; "
+                     if name == "compile" else "")
+            add(f"{name}, fp32 (attend vs eager)", median([r["seconds"] for r in k["rounds"]]), k["ratio"],
+                "faster, exact", extra=f"{'KEEP' if k['keep'] else 'drop'}: {extra}cpu-ratio {k['cpu_ratio']:.3f} "
+                f"(VAE {k['vae_ratio']:.3f}, UNet {k['unet_ratio']:.3f}); attention maps rel. diff "
+                f"{k['attention_relative_difference']:.1e}; score maps {k['score_relative_difference']:.1e}; "
+                f"labels agree {k['label_agreement']:.4f}")
         log("")
         log(f"CPU: {d['machine']['cpu']['model']}; flags {' '.join(d['machine']['cpu']['flags'])}; "
             f"torch threads {d['machine']['torch_threads']}")
@@ -831,6 +921,15 @@ class Bench:
 
 def _num(x, nd=1) -> str:
     return "" if x is None else f"{x:.{nd}f}"
+
+
+def _fmt_rounds(rounds: list) -> str:
+    """Median ratios of a step's rounds, and where the difference to the floor comes from."""
+    each = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
+    return (f"median of {len(rounds)} round(s): cpu-ratio {median([r['cpu_ratio'] for r in rounds]):.3f}, "
+            f"VAE {median([r['vae_ratio'] for r in rounds]):.3f}, UNet {median([r['unet_ratio'] for r in rounds]):.3f}"
+            f" x the floor's; work beyond the floor {100 * median([r['extra_share'] for r in rounds]):.1f} %"
+            f" of it; round ratios {each}")
 
 
 def _mean_breakdown(recs: list) -> dict:
@@ -863,6 +962,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "runs" / "benchmark.json"), help="where to write the results")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny widths: checks the script
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    ap.add_argument("--rounds", type=int, default=3, help="floor/attend pairs per photo for the 1- and "
+                    "10-sample ratios (median reported; default 3)")
     args = ap.parse_args(argv)
     bad = set(filter(None, args.only.split(","))) - set(STEPS)
     if bad:

@@ -3,6 +3,7 @@ exit codes of text2mask.errors (2 config, 3 crashed, 130 interrupted), --device 
 before any model loads, option groups in --help."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -81,7 +82,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         semantic.read_index_png = read_and_interrupt
         app(["evaluate", "--pred", {str(GT)!r}, "--gt", {str(GT)!r}], prog_name="text2mask")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # As a terminal delivers it: a suite started in the background (``cmd &``) would
+    # otherwise hand the child an ignored SIGINT.
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: interrupted"], proc.stderr
     assert proc.stdout == ""

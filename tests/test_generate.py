@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -35,8 +36,7 @@ def voc_tree(tmp_path_factory):
 def run_dir(voc_tree, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     res = CliRunner().invoke(app, ["generate", "--dataset", "voc", "--data-root", str(voc_tree), "--split", "train",
-                                   "--model", str(tiny_model_dir), "--out", str(out), "--workers", "1",
-                                   "--no-progress"])
+                                   "--model", str(tiny_model_dir), "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -83,6 +83,12 @@ def test_run_json_records_the_configuration(run_dir, tiny_model_dir):
             method["background_power"], method["crf_image"]) == (1, 150, 0.2, 1.0, 2.0, "reference")
     assert run["dataset"]["images"] == 3 and run["dataset"]["split"] == "train"
     assert "torch" in run["versions"] and "diffusers" in run["versions"]
+    # The writer pool was sized from measured rates (the default), and says so.
+    sizing = run["run"]["writer_sizing"]
+    assert run["options"]["workers"] == "auto" and sizing["auto"] is True
+    assert 1 <= run["run"]["writer_workers"] <= sizing["cap"] == max((os.cpu_count() or 1) - 1, 1)
+    assert sizing["model_seconds_per_item"] > 0 and sizing["finish_seconds_per_item"] > 0
+    assert 0 <= run["run"]["queue_wait_share"] < 1
 
 
 def test_metrics_json_matches_an_independent_evaluation(run_dir, voc_tree):

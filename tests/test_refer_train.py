@@ -69,3 +69,41 @@ def test_augment_masks_the_pasted_area(seed):
         # valid cells lie inside the pasted (non-black) area
         cells = np.kron(mask, np.ones((8, 8))) > 0
         assert (img[cells] == 200).all() and prefix in ("", "a far away ", "very small ")
+
+
+def test_generate_class_images_then_train_with_prior(tiny_model_dir, tmp_path):
+    """`personalize --generate-class-images N`: the base model draws the class photos into
+    <out>-class-images (real sampling: 50 steps with guidance on the tiny model), training
+    then uses them (prior preservation); a second call with a larger N adds only the
+    missing ones and leaves the first untouched; the same seed draws the same pictures."""
+    from typer.testing import CliRunner
+
+    from text2mask.cli import app
+    from text2mask.io import read_image
+
+    def personalize(out, n, *extra):
+        res = CliRunner().invoke(app, ["personalize", *map(str, PHOTOS), "--class", "cat", "--out", str(out),
+                                       "--model", str(tiny_model_dir), "--device", "cpu", "--size", "64",
+                                       "--batch-size", "1", "--steps", "1", "--generate-class-images", str(n),
+                                       "--no-progress", *extra])
+        assert res.exit_code == 0, res.output
+        return res
+
+    out = tmp_path / "cat"
+    personalize(out, 2)
+    folder = tmp_path / "cat-class-images"
+    first = sorted(folder.iterdir())
+    assert [p.name[:5] for p in first] == ["0000-", "0001-"] and all(p.suffix == ".jpg" for p in first)
+    pictures = [read_image(p) for p in first]
+    assert all(a.shape == (64, 64, 3) for a in pictures)
+    assert not np.array_equal(pictures[0], pictures[1])          # two draws, not one twice
+    assert Concept.load(out).info["settings"]["prior_preservation"] is True
+    stamps = {p.name: p.stat().st_mtime_ns for p in first}
+
+    personalize(tmp_path / "cat2", 3, "--class-images", str(folder), "--restart")
+    now = sorted(folder.iterdir())
+    assert len(now) == 3 and now[2].name.startswith("0002-")
+    assert {p.name: p.stat().st_mtime_ns for p in now[:2]} == stamps
+
+    personalize(tmp_path / "cat3", 2, "--class-images", str(tmp_path / "again"))
+    assert [p.read_bytes() for p in sorted((tmp_path / "again").iterdir())] == [p.read_bytes() for p in first]

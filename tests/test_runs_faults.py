@@ -91,6 +91,12 @@ def writer_pid(main: int) -> int | None:
     return None
 
 
+def terminal_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a shell that starts the suite in the background
+    (``cmd &``) makes its children ignore SIGINT, and that disposition is inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_busy(cmd: list[str], out: Path, log: Path, **popen) -> subprocess.Popen:
     """Start ``cmd`` and return once its writer is inside the big photo's CRF."""
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"), **popen)
@@ -145,7 +151,8 @@ def test_killed_main_process_leaves_no_worker_behind(photos, tiny_model_dir, tmp
 def test_ctrl_c_prints_one_line_and_exits_130(photos, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "log"
-    proc = start_busy(command(photos, tiny_model_dir, out, "--workers", "1"), out, log, start_new_session=True)
+    proc = start_busy(command(photos, tiny_model_dir, out, "--workers", "1"), out, log, start_new_session=True,
+                      preexec_fn=terminal_sigint)
     below = descendants(proc.pid)
     before = log.read_text()
     os.killpg(proc.pid, signal.SIGINT)          # what a terminal's Ctrl-C does: the whole group

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import ConfigError
 from ..log import get
-from .root import DEVICE_HELP, DTYPE_HELP, Dtype, check_device, exits, finish_run, parse_shard, quiet_libraries
+from .root import DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, Dtype, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 
@@ -82,7 +82,7 @@ def evaluate(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP),
     batch_size: int = typer.Option(1, min=1, help="Episodes per model call."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Writer processes (default: cores - 1; 0 = in process)."),
+    workers: Optional[int] = typer.Option(None, min=0, help=WORKERS_HELP),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N episodes."),
     shard: Optional[str] = typer.Option(None, help="I/N: only shard I of N (0-based)."),
     overwrite: bool = typer.Option(False, help="Redo every episode of a folder of another configuration."),
@@ -94,7 +94,6 @@ def evaluate(
     from ..fewshot.episodes import data_root as resolve_root, read_manifest
     from ..fewshot.evaluate import evaluate as run_evaluation
     from ..runs import RunOptions
-    from ..runs.engine import default_workers
     from ..runs.folder import check_writable
 
     # 1. Everything checked before the model loads.
@@ -110,7 +109,7 @@ def evaluate(
     # 2. The model, then the run.
     m = load_diffews(model, device=device, dtype=dtype.value, base_model=base_model,
                      text_condition=text_condition.value if text_condition else None)
-    opts = RunOptions(out=out, batch_size=batch_size, workers=default_workers() if workers is None else workers,
+    opts = RunOptions(out=out, batch_size=batch_size, workers=workers,
                       limit=limit, overwrite=overwrite, shard=shard_t, progress=progress)
     summary = run_evaluation(m, manifest, root, opts, score_at=score_at.value, visualize=visualize,
                              log=log.info, dist=dist)

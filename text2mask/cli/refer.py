@@ -11,7 +11,7 @@ import typer
 from ..errors import ConfigError, InputError
 from ..log import get
 from ..modeling.loading import DEFAULT_MODEL
-from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, ORIGINAL_CONFIG_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
+from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, MODEL_HELP, ORIGINAL_CONFIG_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 DATA, MODEL, METHOD, OUTPUT = "Input", "Model", "Method", "Output"
@@ -81,7 +81,7 @@ def refer(
     query: str = typer.Option("full", help="full | subject (\"a <new1> mug\") | context (the text on the base model).", rich_help_panel=METHOD),
     long_side: Optional[int] = typer.Option(None, min=64, help="Resize photos to this long side (default: the WSSS reference sizes, 704-1024 px).", rich_help_panel=METHOD),
     out: Path = typer.Option(..., help="Output folder.", rich_help_panel=OUTPUT),
-    workers: Optional[int] = typer.Option(None, min=0, help="Writer processes (default: cores - 1; 0 = in process).", rich_help_panel=OUTPUT),
+    workers: Optional[int] = typer.Option(None, min=0, help=WORKERS_HELP, rich_help_panel=OUTPUT),
     overwrite: bool = typer.Option(False, help="Redo every photo, even if an earlier run finished it.", rich_help_panel=OUTPUT),
     shard: Optional[str] = typer.Option(None, help="I/N: process only shard I of N (0-based).", rich_help_panel=OUTPUT),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the run (scores.jsonl, metrics.json).", rich_help_panel=OUTPUT),
@@ -129,7 +129,6 @@ def _dataset(args, data_root, concepts, split, limit, out, workers, overwrite, s
     from ..distributed import Distributed
     from ..personal.run import refer_dataset
     from ..runs import RunOptions
-    from ..runs.engine import default_workers
     from ..runs.folder import check_writable
     if concepts is None:
         raise ConfigError("--concepts DIR is required with --data-root (one trained concept folder per concept id)")
@@ -139,7 +138,7 @@ def _dataset(args, data_root, concepts, split, limit, out, workers, overwrite, s
     check_writable(out)
     dist = Distributed.from_env()
     referrer = _referrer(*args[:2], dist.device() if dist.world > 1 and args[2] == "auto" else args[2], *args[3:])
-    opts = RunOptions(out=out, workers=default_workers() if workers is None else workers, limit=limit,
+    opts = RunOptions(out=out, workers=workers, limit=limit,
                       overwrite=overwrite, shard=shard_t, evaluate=evaluate, progress=progress)
     summary = refer_dataset(referrer, ds, split, concepts, opts, log=log.info, dist=dist)
     finish_run(summary, "photo", dist.main)
@@ -152,6 +151,9 @@ def personalize(
     class_name: str = typer.Option(..., "--class", help="The item's class word, e.g. mug.", rich_help_panel=DATA),
     out: Path = typer.Option(..., help="Concept folder to write (format A + concept.json).", rich_help_panel=OUTPUT),
     class_images: Optional[Path] = typer.Option(None, help="Folder of class photos for prior preservation (e.g. 200 'mug' images).", rich_help_panel=DATA),
+    generate_class_images: int = typer.Option(0, min=0, help="Draw class photos with the base model (prompt: the class "
+                                              "word) until the --class-images folder (default <out>-class-images) "
+                                              "holds N; Custom Diffusion uses 200.", rich_help_panel=DATA),
     token: str = typer.Option("<new1>", help="The new token.", rich_help_panel=METHOD),
     init_token: str = typer.Option("ktn", help="Token whose embedding initializes the new one.", rich_help_panel=METHOD),
     steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (default: 500 on one process, 250 on several).", rich_help_panel=METHOD),
@@ -190,6 +192,13 @@ def personalize(
     log.info(f"loading {model} ...")
     sd = load(model, device=dist.device() if dist.world > 1 and device == "auto" else device, dtype="fp32",
               revision=revision, config=config, original_config=str(original_config) if original_config else None)
+    if generate_class_images:
+        from ..personal.class_images import generate_class_images as draw
+
+        class_images = class_images or Path(f"{out}-class-images")
+        if dist.main:     # one process draws, the others wait for the folder
+            draw(sd, class_name, class_images, generate_class_images, size, seed, show_progress=progress)
+        dist.barrier()
     train_concept(sd, photos, out, cfg, [class_images] if class_images else (), resume=resume,
                   show_progress=progress)
     typer.echo(str(out))

@@ -124,7 +124,9 @@ MODEL_HELP = "Hugging Face id, local diffusers folder, or single .ckpt/.safetens
 CONFIG_HELP = ("With a single-file --model: a diffusers folder or hub id with the component configs and "
                "tokenizer (needed offline).")
 ORIGINAL_CONFIG_HELP = "With a single-file --model of a non-standard architecture: its original (ldm) YAML."
-DTYPE_HELP = "auto: fp16 on CUDA, fp32 otherwise."
+DTYPE_HELP = "auto: fp16 on CUDA; bf16 on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 otherwise."
+WORKERS_HELP = ("Writer processes (CRF, PNGs). Default: sized from the measured model and writing rates, "
+                "1 to cores - 1. N: exactly N. 0: in this process.")
 
 
 def quiet_libraries() -> None:

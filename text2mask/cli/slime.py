@@ -9,7 +9,7 @@ import typer
 
 from ..errors import InputError
 from ..log import get
-from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, ORIGINAL_CONFIG_HELP, Dtype, check_device, exits, finish_run, quiet_libraries
+from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, ORIGINAL_CONFIG_HELP, Dtype, check_device, exits, finish_run, quiet_libraries
 
 log = get(__name__)
 
@@ -123,7 +123,7 @@ def segment(
     pictures: bool = typer.Option(False, "--pictures", help="Also write pictures/<id>.png: photo | WAS map per class | labels."),
     gt: Optional[Path] = typer.Option(None, help="Ground-truth folder (<id>.npy or .png): score the masks."),
     batch_size: int = typer.Option(1, min=1, help="Photos per UNet call."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Writer processes (default: cores - 1; 0 = in process)."),
+    workers: Optional[int] = typer.Option(None, min=0, help=WORKERS_HELP),
     overwrite: bool = typer.Option(False, help="Redo every photo, even if an earlier run finished it."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N photos."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -132,7 +132,6 @@ def segment(
 ) -> None:
     """Segment photos with fitted parts: index PNGs at each photo's size (resumable)."""
     from ..runs import RunOptions
-    from ..runs.engine import default_workers
     from ..slime import Slime
     from ..slime.artifact import load_parts
     from ..slime.run import FOLDERS, photos, segment_photos
@@ -149,7 +148,7 @@ def segment(
         raise InputError(f"--tile-size {settings.tile_size} is larger than the {settings.canvas}-pixel canvas")
     sd = _load_model(model or p.model["id"], check_device(device), dtype, revision, config, original_config)
     slime = Slime(sd, p, settings, seed)
-    opts = RunOptions(out=out, batch_size=batch_size, workers=default_workers() if workers is None else workers,
+    opts = RunOptions(out=out, batch_size=batch_size, workers=workers,
                       limit=limit, overwrite=overwrite, progress=progress)
     summary = segment_photos(slime, parts, items, opts, overlays, pictures, gt, log=log.info)
     finish_run(summary, "photo")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from ..modeling.latents import latent_sample, posterior
+from ..modeling.latents import latent_sample
 from .diffews import (
     RELATIVE_THRESHOLD, RESOLUTION, TEXT_CONDITIONS, DiffewsUNet, MaskScores, mask_image_uint8, mask_scores,
     mask_to_image, square_image, square_mask,
@@ -48,7 +48,7 @@ def empty_text(sd, mode: str) -> torch.Tensor:
 def encode(sd, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """s·E(x) for (N, 3, R, R) images in [−1, 1]: the posterior mean, or a draw
     (mean + std·ε)·s from the posterior (training) when ``generator`` is given."""
-    mean, std = posterior(sd.vae, images.to(sd.device, sd.dtype))
+    mean, std = sd.posterior(images.to(sd.device, sd.dtype))
     if generator is None:
         z = mean * sd.latent_scale
     else:

@@ -1,5 +1,6 @@
 """Stable Diffusion as every method uses it: loading (``loading``), attention capture
-(``capture``) and latents and their random draws (``latents``). Model I/O lives here only.
+(``capture``), latents and their random draws (``latents``) and the optional compiled
+VAE encoder (``kernels``). Model I/O lives here only.
 
 Importing this package puts MKL in strict conditional-numerical-reproducibility mode
 (``MKL_CBWR=AUTO,STRICT``, unless the environment sets it): otherwise MKL's small matrix

@@ -32,9 +32,16 @@ def image_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE posterior of images x (B, 3, H, W) in [-1, 1], in float32."""
-    dist = vae.encode(x).latent_dist
+def posterior(vae, x: torch.Tensor, encode=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of images x (B, 3, H, W) in [-1, 1], in float32.
+    ``encode``: a compiled x -> posterior parameters of this VAE (``modeling.kernels``);
+    the posterior's own arithmetic (clamp, exp) stays eager either way."""
+    if encode is None:
+        dist = vae.encode(x).latent_dist
+    else:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(encode(x))
     return dist.mean.float(), dist.std.float()
 
 

@@ -23,12 +23,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import ModelLoadError
 from ..log import get
 from .capture import check_layout
+from .latents import posterior
 
 log = get(__name__)
 
@@ -65,6 +67,12 @@ class StableDiffusion:
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
     prediction_type: str = "epsilon"   # the scheduler's: "epsilon" or "v_prediction" (SD 2.x 768)
+    vae_encode: Callable | None = None  # compiled VAE encoder (kernels.compile_vae_encoder); None: eager
+    scheduler: object = None            # the model's own sampler (refer's class images); None: not loaded
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior of x (B, 3, H, W) in [-1, 1], in float32."""
+        return posterior(self.vae, x, self.vae_encode)
 
     @property
     def latent_scale(self) -> float:
@@ -344,7 +352,8 @@ def _assemble(vae, unet, text_encoder, tokenizer, scheduler, dev, dt, info: dict
     alphas_cumprod = DDPMScheduler.from_config(cfg).alphas_cumprod.to(torch.float64).cpu()
     info = {**info, "family": family, "prediction_type": prediction,
             "device": str(dev), "dtype": str(dt).replace("torch.", "")}
-    return StableDiffusion(vae, unet, text_encoder, tokenizer, alphas_cumprod, dev, dt, info, prediction)
+    return StableDiffusion(vae, unet, text_encoder, tokenizer, alphas_cumprod, dev, dt, info, prediction,
+                           scheduler=scheduler)
 
 
 def load(model: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,

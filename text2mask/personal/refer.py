@@ -30,7 +30,7 @@ from PIL import Image
 from ..errors import InputError
 from ..io import image_input
 from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
-from ..modeling.latents import Draws, image_seed, latent_sample, posterior, q_sample
+from ..modeling.latents import Draws, image_seed, latent_sample, q_sample
 from ..modeling.loading import DEFAULT_MODEL, StableDiffusion, load
 from ..preprocess import MULTIPLE, Geometry, geometry, prepare
 from ..wsss import propagate as P
@@ -124,7 +124,7 @@ class Referrer:
         geo = geometry(*rgb.shape[:2], cfg.long_side)
         x = prepare(rgb, geo)[None].to(sd.device, sd.dtype)
         with torch.inference_mode():
-            mean, std = posterior(sd.vae, x)
+            mean, std = sd.posterior(x)
         draws = Draws.default(cfg.seed, key, mean.shape[1:], samples=1)
         z = latent_sample(mean[0], std[0], draws.eps0.to(sd.device), sd.latent_scale)
         return q_sample(z, sd.alphas_cumprod[cfg.timestep], draws.noise.to(sd.device)).to(sd.dtype), geo

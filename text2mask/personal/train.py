@@ -95,7 +95,7 @@ def augment(rgb: np.ndarray, size: int, rng: random.Random) -> tuple[np.ndarray,
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 class ConceptPhotos(torch.utils.data.Dataset):

@@ -13,7 +13,6 @@ writer pool, and finally the records (status, metrics, run.json).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +30,11 @@ from .records import RECORDS, ResumePlan, State, compare_inputs, config_digest, 
 from .writer import WriterPool
 
 
-def default_workers() -> int:
-    return max((os.cpu_count() or 1) - 1, 0)
-
-
 @dataclass
 class RunOptions:
     out: Path
     batch_size: int = 1
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None     # writer processes; None: sized from the measured rates (writer.py)
     limit: int | None = None
     overwrite: bool = False
     shard: tuple[int, int] | None = None     # (index, count), 0-based index
@@ -62,6 +57,8 @@ class RunSummary:
     model_seconds: float = 0.0
     queue_wait_seconds: float = 0.0
     worker_restarts: int = 0
+    writer_workers: int = 0                                   # the pool's final size
+    writer_sizing: dict = field(default_factory=dict)         # measured rates and resizes
     failures: list[dict] = field(default_factory=list)
     failures_file: str | None = None
     metrics: dict | None = None
@@ -230,7 +227,9 @@ class BatchRun:
     def _run_batch(self, batch: list[Work]) -> None:
         t0 = time.perf_counter()
         pairs = model_step(self.method, batch)
-        self.summary.model_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.summary.model_seconds += seconds
+        self.pool.observe_model(seconds, len(batch))
         for work, result in pairs:
             if isinstance(result, Failure):
                 self._fail(result)
@@ -323,6 +322,8 @@ def _run_claimed(method, items, opts, log, dist, summary_type, started, out, fp,
     pool.close()
     progress.close()
     summary.queue_wait_seconds, summary.worker_restarts = pool.queue_wait, pool.restarts
+    summary.writer_workers = pool.workers
+    summary.writer_sizing = {"auto": pool.auto, "cap": pool.cap, **pool.rates(), "resizes": pool.resizes}
     summary.seconds = time.time() - started
 
     # 5. Records of the whole folder.
@@ -394,9 +395,10 @@ def _combine(parts: list[RunSummary], mine: RunSummary) -> RunSummary:
     if len(parts) == 1:
         return parts[0]
     total = type(mine)(redone_changed=mine.redone_changed, redone_stale=mine.redone_stale,
-                       failures_file=mine.failures_file)
+                       failures_file=mine.failures_file, writer_sizing=mine.writer_sizing)
     for p in parts:
-        for k in ("total", "done", "skipped", "model_seconds", "queue_wait_seconds", "worker_restarts"):
+        for k in ("total", "done", "skipped", "model_seconds", "queue_wait_seconds", "worker_restarts",
+                  "writer_workers"):
             setattr(total, k, getattr(total, k) + getattr(p, k))
         for t, n in p.tags.items():
             total.tags[t] = total.tags.get(t, 0) + n

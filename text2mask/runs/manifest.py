@@ -51,7 +51,8 @@ def manifest(*, method, fingerprint: dict, config: str, opts, started: float, st
         "config": config,
         "fingerprint": fingerprint,
         **method.describe(),
-        "options": {"batch_size": opts.batch_size, "workers": opts.workers, "limit": opts.limit,
+        "options": {"batch_size": opts.batch_size, "limit": opts.limit,
+                    "workers": "auto" if opts.workers is None else opts.workers,
                     "shard": list(opts.shard) if opts.shard else None, "overwrite": opts.overwrite,
                     "evaluate": opts.evaluate, "memory_budget": opts.memory_budget},
         "versions": versions(),
@@ -68,5 +69,7 @@ def manifest(*, method, fingerprint: dict, config: str, opts, started: float, st
         # Share of wall time the model side waited for a full writer queue: above ~0.05,
         # more writer workers (CRF cores) would speed the run up.
         s["queue_wait_share"] = summary.queue_wait_seconds / summary.seconds if summary.seconds else None
+        # writer_workers / writer_sizing: the pool's size and the measured seconds per item of
+        # the model side and of the writing it was sized from (writer.py).
         doc["run"] = s
     return doc

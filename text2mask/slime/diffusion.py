@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..modeling.latents import latent_sample, posterior
+from ..modeling.latents import latent_sample
 
 PROMPT_LENGTH = 77
 
@@ -27,6 +27,6 @@ def encode(sd, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """z0 (B, 4, h, w) fp32: a VAE posterior sample of images x (B, 3, H, W) in [-1, 1]
     (the official code samples, it does not take the mean); eps0 from ``generator``."""
     with torch.no_grad():
-        mean, std = posterior(sd.vae, x.to(sd.device, sd.dtype))
+        mean, std = sd.posterior(x.to(sd.device, sd.dtype))
     eps0 = torch.randn(mean.shape, generator=generator).to(mean.device)
     return latent_sample(mean, std, eps0, sd.latent_scale)

@@ -16,7 +16,8 @@ from PIL import Image
 from . import propagate as P
 from ..io import image_input
 from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, AttentionCapture
-from ..modeling.latents import Draws, latent_sample, posterior, q_sample
+from ..modeling.latents import Draws, latent_sample, q_sample
+from ..modeling.kernels import compile_vae_encoder
 from ..modeling.loading import DEFAULT_MODEL, StableDiffusion, load
 from ..preprocess import Geometry, geometry, prepare
 from ..classes import ClassSet, load_class_set
@@ -36,16 +37,20 @@ class Text2Mask:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, class_set: ClassSet | str = "voc",
                         config: MaskConfig | None = None, device: str | None = None,
                         dtype: str | None = None, revision: str | None = None, config_source: str | None = None,
-                        original_config: str | None = None) -> "Text2Mask":
+                        original_config: str | None = None, compile: bool = False) -> "Text2Mask":
         """``model``: hub id, diffusers folder or single .ckpt/.safetensors file (then
-        ``config_source``/``original_config`` are diffusers' ``config``/``original_config``)."""
-        return cls(load(model, device=device, dtype=dtype, revision=revision, config=config_source,
-                        original_config=original_config), class_set, config)
+        ``config_source``/``original_config`` are diffusers' ``config``/``original_config``).
+        ``compile``: the VAE encoder through torch.compile (``modeling.kernels``)."""
+        sd = load(model, device=device, dtype=dtype, revision=revision, config=config_source,
+                  original_config=original_config)
+        return cls(compile_vae_encoder(sd) if compile else sd, class_set, config)
 
     @classmethod
-    def from_pipe(cls, pipe, class_set: ClassSet | str = "voc", config: MaskConfig | None = None) -> "Text2Mask":
+    def from_pipe(cls, pipe, class_set: ClassSet | str = "voc", config: MaskConfig | None = None,
+                  compile: bool = False) -> "Text2Mask":
         """On a diffusers pipeline already in memory: its modules are used as they are (no copy)."""
-        return cls(StableDiffusion.from_pipe(pipe), class_set, config)
+        sd = StableDiffusion.from_pipe(pipe)
+        return cls(compile_vae_encoder(sd) if compile else sd, class_set, config)
 
     # -- prompts ---------------------------------------------------------------------
     def plan(self, classes: Sequence[int]) -> PromptPlan:
@@ -76,7 +81,7 @@ class Text2Mask:
         if len(padded) != 1:
             raise ValueError(f"attend() batches images of one padded size, got {sorted(padded)}")
         x = torch.stack([prepare(rgb, g) for (_, rgb, _), g in zip(items, geos)]).to(sd.device, sd.dtype)
-        mean, std = posterior(sd.vae, x)
+        mean, std = sd.posterior(x)
 
         a = sd.alphas_cumprod[cfg.timestep]
         latents, texts = [], []
