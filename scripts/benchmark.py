@@ -295,6 +295,7 @@ class Profile:
     def __init__(self):
         self.acc = {k: 0.0 for k in self.STAGES}
         self.last_maps = None
+        self.hooked = 0.0       # seconds inside the capture's probability processors (part of unet_capture)
 
     def snapshot(self) -> dict:
         return dict(self.acc)
@@ -323,6 +324,17 @@ class Profile:
         if not hasattr(StableDiffusion.posterior, "__wrapped__"):
             StableDiffusion.posterior = self._timed("vae_encode", StableDiffusion.posterior)
         sd.text_encoder.forward = self._timed("text_encode", sd.text_encoder.forward)
+        if not hasattr(capture._ProbabilityProcessor.__call__, "__wrapped__"):
+            call = capture._ProbabilityProcessor.__call__
+
+            def timed_call(proc, *a, **k):
+                t = time.perf_counter()
+                try:
+                    return call(proc, *a, **k)
+                finally:
+                    self.hooked += time.perf_counter() - t
+            timed_call.__wrapped__ = call
+            capture._ProbabilityProcessor.__call__ = timed_call
         if not hasattr(capture.AttentionCapture.run, "__wrapped__"):
             run = capture.AttentionCapture.run
 
@@ -345,22 +357,42 @@ class _Stop(Exception):
     """Raised after block 11's self-attention in the truncated floor."""
 
 
-def truncated_unet(sd, z_t, t, emb) -> None:
-    """The UNet with its default (fused) attention, stopped right after the self-attention
-    of block 11: the same stop as AttentionCapture, without computing any probabilities."""
-    from text2mask.modeling.capture import SELF_BLOCK, transformer_blocks
+class _TimedStock:
+    """The layer's own (fused) processor, timed: the floor's cost of the layers the
+    capture replaces."""
 
-    block = transformer_blocks(sd.unet)[SELF_BLOCK]
-    attn1 = sd.unet.get_submodule(f"{block.name}.transformer_blocks.0.attn1")
+    def __init__(self, inner, sink: list):
+        self.inner, self.sink = inner, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        finally:
+            self.sink[0] += time.perf_counter() - t
+
+
+def truncated_unet(sd, z_t, t, emb) -> float:
+    """The UNet with its default (fused) attention, stopped right after the self-attention
+    of block 11: the same stop as AttentionCapture, without computing any probabilities.
+    Returns the seconds spent in the layers the capture hooks (blocks 4-8 attn2, 11 attn1)."""
+    from text2mask.modeling.capture import CROSS_BLOCKS, SELF_BLOCK, swap_processors, transformer_blocks
+
+    blocks = transformer_blocks(sd.unet)
+    attn1 = sd.unet.get_submodule(f"{blocks[SELF_BLOCK].name}.transformer_blocks.0.attn1")
+    keys = [blocks[i].processor_key("attn2") for i in CROSS_BLOCKS] + [blocks[SELF_BLOCK].processor_key("attn1")]
+    current = sd.unet.attn_processors
+    sink = [0.0]
 
     def stop(*_):
         raise _Stop
 
     hook = attn1.register_forward_hook(stop)
     try:
-        sd.unet(z_t, t, encoder_hidden_states=emb)
+        with swap_processors(sd.unet, {k: _TimedStock(current[k], sink) for k in keys}):
+            sd.unet(z_t, t, encoder_hidden_states=emb)
     except _Stop:
-        return
+        return sink[0]
     finally:
         hook.remove()
     raise RuntimeError("the UNet ran to the end: block 11's self-attention was never reached")
@@ -384,12 +416,15 @@ def median(xs):
 
 
 def _round(attend: dict, floor: dict) -> dict:
-    """One floor/attend pair measured back to back. ``extra_seconds`` is the work attend
-    does beyond the floor's, timed inside it: text encode and the propagation stages (the
-    explicit probabilities of the hooked layers are inside the UNet time)."""
+    """One floor/attend pair measured back to back. The work attend does beyond the floor's,
+    timed where it happens: ``extra_seconds`` (text encode and the propagation stages) and
+    ``probabilities_seconds`` (the six hooked layers with explicit probabilities minus the
+    same layers fused in the floor). ``accounted_share`` is their sum over the floor: the
+    ratio without the noise of the identical VAE and UNet work around them."""
     b = attend["breakdown"]
     extra = b["text_encode"] + b["class_cross"] + b["propagate"] + b["to_image"]
-    return {"key": attend["key"], "size": attend["size"], "rows": floor["rows"],
+    probabilities = attend["hooked_seconds"] - floor["hooked_seconds"]
+    return {"probabilities_seconds": probabilities, "accounted_share": (extra + probabilities) / floor["seconds"],"key": attend["key"], "size": attend["size"], "rows": floor["rows"],
             "attend_seconds": attend["seconds"], "floor_seconds": floor["seconds"],
             "ratio": attend["seconds"] / floor["seconds"], "cpu_ratio": attend["cpu_seconds"] / floor["cpu_seconds"],
             "unet_ratio": b["unet_capture"] / floor["unet_seconds"], "vae_ratio": b["vae_encode"] / floor["vae_seconds"],
@@ -524,8 +559,8 @@ class Bench:
             noise = torch.randn((rows, *z.shape[1:]), generator=gen)
             z_t = (a.sqrt() * z + (1 - a).sqrt() * noise).float()
             with RssSampler() as mem, Clock() as cu:
-                truncated_unet(sd, z_t, torch.tensor(150), emb.expand(rows, -1, -1))
-        rec = {"key": key, "size": self.size_of[key], "rows": rows,
+                hooked = truncated_unet(sd, z_t, torch.tensor(150), emb.expand(rows, -1, -1))
+        rec = {"key": key, "size": self.size_of[key], "rows": rows, "hooked_seconds": hooked,
                "vae_seconds": cv.wall, "unet_seconds": cu.wall, "seconds": cv.wall + cu.wall,
                "cpu_seconds": cv.cpu + cu.cpu, "load": cv.load, "unet_window_peak_rss": mem.peak}
         log(f"  floor {key} {self.size_of[key]} rows={rows}: VAE {cv.wall:.1f} s + truncated UNet "
@@ -543,10 +578,11 @@ class Bench:
         predictor = predictor or self.predictor
         plan = predictor.plan(self.labels[key])
         predictor._text_cache.clear()          # count the text encoder every time
-        before = self.prof.snapshot()
+        before, hooked = self.prof.snapshot(), self.prof.hooked
         with RssSampler() as mem, Clock() as c:
             att = predictor.attend([(key, self.rgb[key], plan)])[0]
         rec = {"key": key, "size": self.size_of[key], "samples": predictor.config.samples,
+               "hooked_seconds": self.prof.hooked - hooked,
                "seconds": c.wall, "cpu_seconds": c.cpu, "load": c.load,
                "breakdown": self.prof.delta(before), "window_peak_rss": mem.peak,
                "ru_maxrss_after": ru_maxrss_bytes()}
@@ -928,8 +964,10 @@ def _fmt_rounds(rounds: list) -> str:
     each = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
     return (f"median of {len(rounds)} round(s): cpu-ratio {median([r['cpu_ratio'] for r in rounds]):.3f}, "
             f"VAE {median([r['vae_ratio'] for r in rounds]):.3f}, UNet {median([r['unet_ratio'] for r in rounds]):.3f}"
-            f" x the floor's; work beyond the floor {100 * median([r['extra_share'] for r in rounds]):.1f} %"
-            f" of it; round ratios {each}")
+            f" x the floor's; work beyond the floor, timed: text + propagation "
+            f"{100 * median([r['extra_share'] for r in rounds]):.1f} % + explicit probabilities "
+            f"{100 * median([r['probabilities_seconds'] / r['floor_seconds'] for r in rounds]):.1f} % = "
+            f"{100 * median([r['accounted_share'] for r in rounds]):.1f} % of the floor; round ratios {each}")
 
 
 def _mean_breakdown(recs: list) -> dict:

@@ -6,6 +6,7 @@ virtual environment, and that environment, started outside the checkout, must re
 """
 import json
 import subprocess
+import sysconfig
 import sys
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def test_bundled_class_sets_resolve_from_a_wheel_install(tmp_path):
     # checkout's editable install from the running environment); --no-deps: text2mask only.
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, cwd=tmp_path)
+    # Its dependencies (numpy, pillow...) from this environment: a path line in a .pth file
+    # appends the folder after the venv's own, and .pth files in that folder are not run,
+    # so the checkout's editable install stays out.
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "outer-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = ("import json, text2mask.classes as c; "
              "print(json.dumps({n: [c.load_class_set(n).names, str(c.bundled_path(n))] for n in ('voc', 'coco')}))")
     out = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", probe], check=True, cwd=tmp_path,

@@ -11,6 +11,7 @@ from text2mask.errors import InputError, ModelLoadError
 from text2mask.io import read_image, read_index_png
 from text2mask.slime import FitSettings, SegmentSettings, Slime
 from text2mask.slime import artifact as A
+from text2mask.slime import official
 from text2mask.slime.fit import Example
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples/slime-mini"
@@ -79,15 +80,15 @@ def test_import_official_embedding_folder(sd, fitted, tmp_path):
     folder.mkdir()
     for i in range(2):   # as the official code saves them: (1, 1, D) leaf tensors
         torch.save(fitted.parts.cond[i + 1][None, None].clone().requires_grad_(True), folder / f"embedding_{i}.pth")
-    parts = A.import_official(folder, sd, "background,top,bottom")
+    parts = official.import_official(folder, sd, "background,top,bottom")
     assert torch.equal(parts.cond, fitted.parts.cond.float()) and parts.classes == CLASSES
-    default_names = A.import_official(folder, sd)
+    default_names = official.import_official(folder, sd)
     assert default_names.classes == ["background", "part1", "part2"]
     with pytest.raises(InputError, match="names 2"):
-        A.import_official(folder, sd, "background,top")
+        official.import_official(folder, sd, "background,top")
     (folder / "embedding_0.pth").unlink()
     with pytest.raises(InputError, match="embedding_0.pth is missing"):
-        A.import_official(folder, sd)
+        official.import_official(folder, sd)
 
 
 def test_segment_writes_original_size_labels_in_range(fitted):

@@ -12,6 +12,7 @@ from text2mask.classes import load_class_set
 from text2mask.evaluation.semantic import evaluate_dirs
 from text2mask.io import read_image, read_index_png
 from text2mask.errors import InputError
+from text2mask.wsss.visualize import strip, uncertainty_map, visualize_run
 from text2mask.visualize import (
     BAR_ROW,
     CAPTION_HEIGHT,
@@ -24,9 +25,6 @@ from text2mask.visualize import (
     legend,
     overlay,
     overlay_with_legend,
-    strip,
-    uncertainty_map,
-    visualize_run,
 )
 
 VOC = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012"

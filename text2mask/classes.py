@@ -13,13 +13,13 @@ need every reader (trainers, OpenCV users, our evaluation) to follow suit.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError, InputError
+from .io import read_json
 
 BUNDLED = ("voc", "coco")
 IGNORE_INDEX = 255                 # "unsure" in a training mask, "void" in ground truth
@@ -157,14 +157,7 @@ def load_class_set(name_or_path: str | Path) -> ClassSet:
     path = Path(name_or_path)
     if str(name_or_path) in BUNDLED and not path.is_file():  # a bundled name, unless a file says otherwise
         path = bundled_path(str(name_or_path))
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: class/prompt file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a valid JSON prompts file ({e})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read class/prompt file ({e.strerror or e})") from None
+    doc = read_json(path, "class/prompt file")
     expected = "expected {'classes': [{'name': ..., 'prompt': ..., 'background': [...]}, ...]}"
     if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list):
         found = ("an object without a 'classes' list" if isinstance(doc, dict)

@@ -58,6 +58,22 @@ def image_input(image, key: str | None = None) -> tuple[str, np.ndarray]:
     return key or "image", np.ascontiguousarray(image, dtype=np.uint8)
 
 
+def read_json(path: str | os.PathLike, what: str, error: type[Exception] = InputError,
+              not_found: str | None = None):
+    """The parsed JSON document of ``path`` (a UTF-8 BOM is accepted), or one ``error``
+    naming the file, what it should be and the cause: not found (``not_found``, if given,
+    says what to pass instead), unreadable, or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise error(not_found or f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read {what}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
 def read_index_png(path: str | os.PathLike) -> np.ndarray:
     """Class-index array (H, W) uint8 from an index or palette PNG; never via luminance."""
     path = Path(path)

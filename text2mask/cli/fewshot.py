@@ -11,7 +11,7 @@ import typer
 
 from ..errors import ConfigError
 from ..log import get
-from .root import DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, Dtype, check_device, exits, finish_run, parse_shard, quiet_libraries
+from .root import DEVICE_OPTION, DTYPE_OPTION, WORKERS_HELP, Dtype, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 
@@ -79,8 +79,8 @@ def evaluate(
     score_at: ScoreAt = typer.Option(ScoreAt.original, help="Headline scores at the query's original size "
                                      "(default) or at the model resolution (DiffewS' 512²); both are kept."),
     visualize: int = typer.Option(0, min=0, help="Pictures of the first N episodes in visual/."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: Dtype = DTYPE_OPTION,
     batch_size: int = typer.Option(1, min=1, help="Episodes per model call."),
     workers: Optional[int] = typer.Option(None, min=0, help=WORKERS_HELP),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N episodes."),
@@ -145,8 +145,8 @@ def segment(
                                               help="In index-PNG support masks, the object is this value."),
     visualize: bool = typer.Option(False, help="Also write visual/<stem>.png: supports | query | prediction."),
     base_model: Optional[str] = typer.Option(None, help="Override the checkpoint's base SD 2.x model."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: Dtype = DTYPE_OPTION,
     batch_size: int = typer.Option(1, min=1, help="Queries per model call."),
 ) -> None:
     """Segment your own photos like the examples (few-shot, DiffewS)."""

@@ -11,10 +11,10 @@ import typer
 from ..errors import ConfigError, InputError
 from ..log import get
 from ..modeling.loading import DEFAULT_MODEL
-from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, MODEL_HELP, ORIGINAL_CONFIG_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
+from .root import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, MODEL_PANEL, ORIGINAL_CONFIG_OPTION, REVISION_OPTION, WORKERS_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
-DATA, MODEL, METHOD, OUTPUT = "Input", "Model", "Method", "Output"
+DATA, MODEL, METHOD, OUTPUT = "Input", MODEL_PANEL, "Method", "Output"
 
 
 def _referrer(model, revision, device, dtype, seed, timestep, box_threshold, tokens, query, long_side, config,
@@ -69,11 +69,11 @@ def refer(
     split: str = typer.Option("all", help="all | semantic | visual | variant (--data-root).", rich_help_panel=DATA),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N photos of the split.", rich_help_panel=DATA),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
-    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
-    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: Dtype = DTYPE_OPTION,
     seed: int = typer.Option(0, help="Global seed; each photo's draws come from (seed, photo id).", rich_help_panel=METHOD),
     timestep: int = typer.Option(150, min=0, max=999, help="Noise level t of T=1000.", rich_help_panel=METHOD),
     box_threshold: float = typer.Option(0.2, min=0.0, help="Class-aware box threshold (0 disables).", rich_help_panel=METHOD),
@@ -168,10 +168,10 @@ def personalize(
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the newest checkpoint in <out>-checkpoints.", rich_help_panel=OUTPUT),
     seed: int = typer.Option(0, help="Seed of augmentations, noise and timesteps.", rich_help_panel=METHOD),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
-    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
+    device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.", rich_help_panel=OUTPUT),
 ) -> None:
     """Train a Custom Diffusion concept (a new token + cross-attention K/V) on a few photos

@@ -124,9 +124,17 @@ MODEL_HELP = "Hugging Face id, local diffusers folder, or single .ckpt/.safetens
 CONFIG_HELP = ("With a single-file --model: a diffusers folder or hub id with the component configs and "
                "tokenizer (needed offline).")
 ORIGINAL_CONFIG_HELP = "With a single-file --model of a non-standard architecture: its original (ldm) YAML."
-DTYPE_HELP = "auto: fp16 on CUDA; bf16 on a CPU with native bf16 (AVX512-BF16 or AMX); fp32 otherwise."
+DTYPE_HELP = "auto: fp16 on CUDA, fp32 on CPU (bf16: faster on CPUs with AVX512-BF16 or AMX, slightly different masks)."
 WORKERS_HELP = ("Writer processes (CRF, PNGs). Default: sized from the measured model and writing rates, "
                 "1 to cores - 1. N: exactly N. 0: in this process.")
+
+# The model options every loading command shares, in one "Model" panel of --help.
+MODEL_PANEL = "Model"
+REVISION_OPTION = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL_PANEL)
+CONFIG_OPTION = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL_PANEL)
+ORIGINAL_CONFIG_OPTION = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL_PANEL)
+DEVICE_OPTION = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL_PANEL)
+DTYPE_OPTION = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL_PANEL)
 
 
 def quiet_libraries() -> None:

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import InputError
 from ..log import get
-from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, ORIGINAL_CONFIG_HELP, Dtype, check_device, exits, finish_run, quiet_libraries
+from .root import CONFIG_OPTION, DEVICE_OPTION, DTYPE_HELP, DTYPE_OPTION, ORIGINAL_CONFIG_OPTION, REVISION_OPTION, WORKERS_HELP, Dtype, check_device, exits, finish_run, quiet_libraries
 
 log = get(__name__)
 
@@ -43,9 +43,9 @@ def fit(
     classes: str = typer.Option(..., help='Class names in index order, background first: "background,body,wheel".'),
     out: Path = typer.Option(..., help="Parts file to write (e.g. car.slime)."),
     model: str = typer.Option(SLIME_MODEL, help="Hugging Face id or local folder (SD 1.x or 2.x; official: SD 2.1-base)."),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only)."),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
     val_image: Optional[Path] = typer.Option(None, help="Validation photo: keep the epoch that segments it best."),
     val_mask: Optional[Path] = typer.Option(None, help="Its index mask."),
     epochs: int = typer.Option(200, min=1, help="Passes over the training photos (steps = epochs x photos)."),
@@ -59,7 +59,7 @@ def fit(
     rotate: float = typer.Option(30.0, min=0.0, max=180.0, help="Rotation range in degrees: 30 PASCAL, 10 CelebA."),
     init_prompt: Optional[str] = typer.Option(None, help='Prompt the rows start from (default "part" x K).'),
     seed: int = typer.Option(0, help="Seed of every draw (augmentation, timesteps, noise)."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    device: str = DEVICE_OPTION,
     dtype: Dtype = typer.Option(Dtype.fp32, help="Model weights dtype (the official fit is fp32)."),
     mixed_precision: str = typer.Option("no", help="accelerate autocast on GPU: no, fp16 or bf16."),
     tiles: int = typer.Option(1, min=1, help="Validation (and default segment) tiles per side."),
@@ -110,9 +110,9 @@ def segment(
     parts: Path = typer.Option(..., help="Parts file from `slime fit` or `slime import`."),
     out: Path = typer.Option(..., help="Output folder: masks/, overlays/, pictures/, run.json."),
     model: Optional[str] = typer.Option(None, help="Model (default: the one the parts were fitted on)."),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only)."),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
     timestep: Optional[int] = typer.Option(None, "--t", min=0, max=999, help="Noise level (default 100)."),
     tiles: Optional[int] = typer.Option(None, min=1, help="Tiles per side (default: as fitted, 1)."),
     tile_size: Optional[int] = typer.Option(None, min=8, help="Tile side on the 512 canvas (CelebA: 400 with 2 tiles)."),
@@ -126,8 +126,8 @@ def segment(
     workers: Optional[int] = typer.Option(None, min=0, help=WORKERS_HELP),
     overwrite: bool = typer.Option(False, help="Redo every photo, even if an earlier run finished it."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N photos."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: Dtype = DTYPE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Segment photos with fitted parts: index PNGs at each photo's size (resumable)."""
@@ -161,15 +161,16 @@ def import_(
     out: Path = typer.Option(..., help="Parts file to write."),
     classes: Optional[str] = typer.Option(None, help="Class names, background first (default: background,part1,...)."),
     model: str = typer.Option(SLIME_MODEL, help="The model the embeddings were trained on (official: SD 2.1-base)."),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only)."),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
     init_prompt: Optional[str] = typer.Option(None, help='The training --text_prompt, if one was given (default "part" x K).'),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    device: str = DEVICE_OPTION,
     dtype: Dtype = typer.Option(Dtype.fp32, help=DTYPE_HELP),
 ) -> None:
     """Convert an official SLiMe embedding folder into a parts file."""
-    from ..slime.artifact import import_official, save_parts
+    from ..slime.artifact import save_parts
+    from ..slime.official import import_official
 
     sd = _load_model(model, check_device(device), dtype, revision, config, original_config)
     p = import_official(folder, sd, classes, init_prompt)

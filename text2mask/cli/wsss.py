@@ -17,12 +17,12 @@ from ..wsss.result import MaskConfig
 
 from ..errors import EXIT_CONFIG, EXIT_FAILED_ITEMS as EXIT_FAILED_IMAGES, ConfigError, InputError
 from ..log import get, progress
-from .root import CONFIG_HELP, DEVICE_HELP, DTYPE_HELP, WORKERS_HELP, MODEL_HELP, ORIGINAL_CONFIG_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
+from .root import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, MODEL_PANEL, ORIGINAL_CONFIG_OPTION, REVISION_OPTION, WORKERS_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 
 # --help panels
-DATA, MODEL, METHOD, OUTPUT = "Data", "Model", "Method", "Output"
+DATA, MODEL, METHOD, OUTPUT = "Data", MODEL_PANEL, "Method", "Output"
 
 
 class DatasetKind(str, Enum):
@@ -91,11 +91,11 @@ def generate(
                                           rich_help_panel=DATA),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of the split.", rich_help_panel=DATA),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
-    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
-    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: Dtype = DTYPE_OPTION,
     compile_vae: bool = typer.Option(False, "--compile", help="Run the VAE encoder through torch.compile: about "
                                      "0.85x its time once each padded size is compiled (tens of seconds per size "
                                      "the first time; needs a C++ compiler on CPU). Not byte-identical to eager.",
@@ -358,11 +358,11 @@ def segment(
                                rich_help_panel=DATA),
     out: Path = typer.Option(Path("segment-out"), help="Output folder.", rich_help_panel=OUTPUT),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
-    revision: Optional[str] = typer.Option(None, help="Model revision (hub ids only).", rich_help_panel=MODEL),
-    config: Optional[str] = typer.Option(None, help=CONFIG_HELP, rich_help_panel=MODEL),
-    original_config: Optional[Path] = typer.Option(None, help=ORIGINAL_CONFIG_HELP, rich_help_panel=MODEL),
-    device: str = typer.Option("auto", help=DEVICE_HELP, rich_help_panel=MODEL),
-    dtype: Dtype = typer.Option(Dtype.auto, help=DTYPE_HELP, rich_help_panel=MODEL),
+    revision: Optional[str] = REVISION_OPTION,
+    config: Optional[str] = CONFIG_OPTION,
+    original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: Dtype = DTYPE_OPTION,
     samples: int = typer.Option(DEFAULTS.samples, min=1, help="Noise samples in the ensemble.", rich_help_panel=METHOD),
     seed: int = typer.Option(DEFAULTS.seed, help="Global seed; each image's draws come from (seed, file stem).",
                              rich_help_panel=METHOD),
@@ -433,7 +433,8 @@ def visualize(
     not the score gap; an image whose photo is missing is skipped, exit code 1, and the
     page lists it). Refer: photo | segments | chosen mask per query | correlations.
     SLiMe and few-shot runs draw their pictures while they run (--pictures / --visualize)."""
-    from ..visualize import run_method, visualize_run
+    from ..visualize import run_method
+    from ..wsss.visualize import visualize_run
 
     method = run_method(run)
     if method == "refer":

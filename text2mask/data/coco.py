@@ -33,7 +33,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from ..io import write_index_png
+from ..io import read_json, write_index_png
 from ..classes import ClassSet, load_class_set
 from .base import Dataset, DatasetError, Sample
 
@@ -67,11 +67,7 @@ def read_annotations(path: str | Path) -> COCO:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: COCO annotation file not found")
-    try:
-        with path.open("rb") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 decoding errors
-        raise DatasetError(f"{path}: cannot read COCO annotation file ({e})") from None
+    doc = read_json(path, "COCO annotation file", DatasetError)
     missing = [k for k in ("images", "annotations", "categories")
                if not isinstance(doc, dict) or not isinstance(doc.get(k), list)]
     if missing:

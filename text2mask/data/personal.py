@@ -13,13 +13,13 @@ tagged so; ``variant`` = concept != target.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
 from ..personal.query import class_match
+from ..io import read_json
 
 SPLITS = ("all", "semantic", "visual", "variant")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
@@ -71,12 +71,8 @@ def _id(value, what: str, where: str) -> str:
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"{path}: not found (a personalized dataset root holds dataset.json)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read ({e})") from None
+    doc = read_json(path, "dataset file", DatasetError,
+                    not_found=f"{path}: not found (a personalized dataset root holds dataset.json)")
     if not isinstance(doc, dict):
         raise DatasetError(f"{path}: expected a JSON object")
     missing = [k for k in ("class", "concepts", "images", "triplets") if k not in doc]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_index_png
+from ..io import read_index_png, read_json
 from ..errors import InputError
 from ..classes import ClassSet, load_class_set, name_key
 from .base import Dataset, DatasetError, Sample, read_split_file
@@ -124,12 +124,7 @@ def read_labels_file(path: Path, class_set: ClassSet) -> dict[str, tuple[int, ..
         raise DatasetError(f"{path}: labels file not found")
     if path.suffix == ".npy":
         return _read_cls_labels_npy(path, len(class_set.classes))
-    try:
-        table = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read labels file ({e.strerror or e})") from None
+    table = read_json(path, "labels file", DatasetError)
     if not isinstance(table, dict):
         raise DatasetError(f"{path}: expected a JSON object {{image id: [class names]}}")
     out: dict[str, tuple[int, ...]] = {}

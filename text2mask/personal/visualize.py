@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from ..errors import InputError
 from ..io import read_image, write_png
 from ..log import get
-from ..visualize import _FONT, LINE, PAD, PALETTE, _text_width, legend, overlay
+from ..visualize import FONT, LINE, PAD, PALETTE, text_width, legend, overlay, read_run_json
 
 log = get(__name__)
 PANEL_WIDTH = 320      # photos are drawn at this width
@@ -28,9 +28,9 @@ def _panel(rgb: np.ndarray, title: str) -> Image.Image:
     tile = Image.new("RGB", (PANEL_WIDTH, img.height + LINE + 2 * PAD), "white")
     tile.paste(img, (0, 0))
     text = title
-    while _text_width(text) > PANEL_WIDTH - 2 * PAD and len(text) > 4:
+    while text_width(text) > PANEL_WIDTH - 2 * PAD and len(text) > 4:
         text = text[:-4] + "..."
-    ImageDraw.Draw(tile).text((PAD, img.height + PAD), text, fill="black", font=_FONT)
+    ImageDraw.Draw(tile).text((PAD, img.height + PAD), text, fill="black", font=FONT)
     return tile
 
 
@@ -43,16 +43,16 @@ def correlation_image(c: np.ndarray, chosen: Sequence[int]) -> Image.Image:
     finite = c[np.isfinite(c)]
     lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     for s in range(k):
-        draw.text(((s + 1) * CELL + PAD, PAD), f"s{s + 1}", fill=tuple(int(v) for v in PALETTE[s + 1]), font=_FONT)
+        draw.text(((s + 1) * CELL + PAD, PAD), f"s{s + 1}", fill=tuple(int(v) for v in PALETTE[s + 1]), font=FONT)
     for i in range(q):
-        draw.text((PAD, (i + 1) * CELL + PAD), f"q{i + 1}", fill="black", font=_FONT)
+        draw.text((PAD, (i + 1) * CELL + PAD), f"q{i + 1}", fill="black", font=FONT)
         for s in range(k):
             v = c[i, s]
             level = 255 - int(200 * (v - lo) / (hi - lo)) if np.isfinite(v) and hi > lo else 230
             x0, y0 = (s + 1) * CELL, (i + 1) * CELL
             draw.rectangle([x0, y0, x0 + CELL - 2, y0 + CELL - 2], fill=(level, level, level))
             draw.text((x0 + PAD, y0 + CELL // 2 - LINE // 2), f"{v:.2f}" if np.isfinite(v) else "-",
-                      fill="black" if level > 120 else "white", font=_FONT)
+                      fill="black" if level > 120 else "white", font=FONT)
             if s + 1 == chosen[i]:
                 draw.rectangle([x0, y0, x0 + CELL - 2, y0 + CELL - 2], outline=tuple(int(x) for x in PALETTE[s + 1]),
                                width=3)
@@ -87,10 +87,7 @@ def visualize_refer_run(run_dir: str | os.PathLike, n: int = 16, out: str | os.P
     from ..data.personal import load_refer_dataset
 
     run = Path(run_dir)
-    try:
-        manifest = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{run / 'run.json'}: cannot read ({e})") from None
+    manifest = read_run_json(run)
     if manifest.get("method") != "refer":
         raise InputError(f"{run}: not a refer run (method {manifest.get('method')!r})")
     dataset = load_refer_dataset(manifest["dataset"]["root"])

@@ -65,8 +65,9 @@ class SlimeParts:
         return {"format": FORMAT, "learned_rows": self.learned_rows, **meta}
 
 
-def model_identity(sd) -> dict:
-    """What identifies the base model a fit ran on."""
+def fitted_on(sd) -> dict:
+    """The base model a fit ran on, as the parts file records it (not a run fingerprint:
+    ``check_model`` compares it with the model the parts are loaded onto)."""
     info = sd.info
     out = {"id": info["model"], "family": info["family"],
            "hidden_size": int(sd.text_encoder.config.hidden_size)}
@@ -107,7 +108,7 @@ def load_parts(path: str | os.PathLike) -> SlimeParts:
 
 def check_model(parts: SlimeParts, sd, where: str = "parts file") -> None:
     """Refuse a model of another text width or family; warn on another revision/digest."""
-    have = model_identity(sd)
+    have = fitted_on(sd)
     want = parts.model
     if have["hidden_size"] != parts.hidden_size:
         raise ModelLoadError(f"{where}: fitted on {want.get('id')} (text width {parts.hidden_size}); "
@@ -119,46 +120,3 @@ def check_model(parts: SlimeParts, sd, where: str = "parts file") -> None:
         if want.get(key) and have.get(key) and want[key] != have[key]:
             log.warning(f"{where}: fitted on {want.get('id')} with {key} {want[key][:12]}, "
                         f"but the model has {have[key][:12]}; the masks may differ")
-
-
-def import_official(folder: str | os.PathLike, sd, classes: str | None = None,
-                    init_prompt: str | None = None) -> SlimeParts:
-    """Parts from an official checkpoint folder: ``embedding_i.pth`` (i = 0..K-2), each
-    the (1, 1, D) learned row of class i + 1, spliced into this model's "part" x K
-    prompt (or ``init_prompt``, the official ``--text_prompt``)."""
-    from dataclasses import asdict
-
-    from .examples import parse_classes
-    from .fit import initial_prompts, splice
-    from .segment import SegmentSettings
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder")
-    found = {int(p.stem.split("_", 1)[1]): p for p in folder.glob("embedding_*.pth")
-             if p.stem.split("_", 1)[1].isdigit()}
-    if not found:
-        raise InputError(f"{folder}: no embedding_0.pth, embedding_1.pth, ... (official SLiMe checkpoint)")
-    if sorted(found) != list(range(len(found))):
-        missing = sorted(set(range(max(found) + 1)) - set(found))
-        raise InputError(f"{folder}: embedding_{missing[0]}.pth is missing (found {len(found)} files)")
-    k = len(found) + 1
-    names = parse_classes(classes) if classes else ["background"] + [f"part{i}" for i in range(1, k)]
-    if len(names) != k:
-        raise InputError(f"{folder}: {len(found)} embeddings are {k} classes with background, "
-                         f"but --classes names {len(names)}")
-    width = int(sd.text_encoder.config.hidden_size)
-    rows = []
-    for i in range(len(found)):
-        try:
-            t = torch.load(found[i], map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for a bad file
-            raise InputError(f"{found[i]}: cannot read ({type(e).__name__}: {e})") from e
-        if not isinstance(t, torch.Tensor) or t.numel() != width:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ModelLoadError(f"{found[i]}: expected a (1, 1, {width}) embedding for this model, got {shape}")
-        rows.append(t.detach().reshape(width).float())
-    cond0, uncond = initial_prompts(sd, k, init_prompt)
-    return SlimeParts(names, splice(cond0, torch.stack(rows)).cpu(), uncond.cpu(), model_identity(sd),
-                      {"imported_from": str(folder.resolve()), "init_prompt": init_prompt,
-                       "segment": asdict(SegmentSettings())})

@@ -36,6 +36,7 @@ from . import diffusion as D
 from . import losses as L
 from . import maps as M
 from . import segment as S
+from .artifact import fitted_on
 
 log = get(__name__)
 
@@ -159,11 +160,9 @@ def validation_iou(sd, cond: torch.Tensor, classes: int, example: Example, seg: 
 
 def _fingerprint(sd, examples: Sequence[Example], validation: Example | None, classes: Sequence[str],
                  settings: FitSettings) -> dict:
-    from .artifact import model_identity
-
     # Not the epoch count: a finished fit may be resumed to run longer.
     return {"classes": list(classes), "examples": [e.key for e in examples],
-            "validation": validation.key if validation else None, "model": model_identity(sd),
+            "validation": validation.key if validation else None, "model": fitted_on(sd),
             "settings": {k: v for k, v in settings.to_dict().items() if k != "epochs"}}
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from ..io import image_input
 from ..modeling.latents import image_seed
 from . import segment as S
-from .artifact import SlimeParts, check_model, load_parts, model_identity, save_parts
+from .artifact import SlimeParts, check_model, fitted_on, load_parts, save_parts
 from .fit import Example, FitSettings, fit
 
 
@@ -55,7 +55,7 @@ class Slime:
             progress: bool = True) -> "Slime":
         settings = settings or FitSettings()
         res = fit(sd, examples, classes, settings, validation, checkpoint, progress)
-        parts = SlimeParts(list(classes), res.cond.cpu(), res.uncond.cpu(), model_identity(sd),
+        parts = SlimeParts(list(classes), res.cond.cpu(), res.uncond.cpu(), fitted_on(sd),
                            settings.to_dict(), settings.seed, res.best_epoch, res.validation_iou)
         return cls(sd, parts, settings.segment)
 
