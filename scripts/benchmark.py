@@ -807,8 +807,9 @@ class Bench:
                        empty inductor cache: the cold cost); break-even = compile seconds /
                        seconds saved per image.
 
-        A variant is exact if the attention maps it captures are within RELATIVE_TOLERANCE
-        of eager's; the score maps are reported too (on random weights their min-max
+        A variant is kept if faster (by 3 %: the whole attend's CPU time, or for compile the
+        VAE stage it changes) and exact: the attention maps it captures are within
+        RELATIVE_TOLERANCE of eager's; the score maps are reported too (on random weights their min-max
         normalisation of nearly flat maps magnifies any reordering of fp32 sums)."""
         import torch
 
@@ -868,7 +869,10 @@ class Bench:
                 saved = eager_s - median([r["seconds"] for r in rounds])
                 k["compile_seconds"] = first["seconds"] - eager_s
                 k["break_even_images"] = k["compile_seconds"] / saved if saved > 0 else None
-            k["keep"] = k["attention_relative_difference"] <= RELATIVE_TOLERANCE and k["cpu_ratio"] < 0.97
+            # Judged on the stages a variant changes: --compile only touches the VAE encoder,
+            # and the whole attend's ratio adds the UNet's noise to its gain.
+            speed = k["vae_ratio"] if name == "compile" else k["cpu_ratio"]
+            k["keep"] = k["attention_relative_difference"] <= RELATIVE_TOLERANCE and speed < 0.97
             log(f"  {name}: {k['ratio']:.3f} x eager (cpu {k['cpu_ratio']:.3f}; VAE {k['vae_ratio']:.3f}, UNet "
                 f"{k['unet_ratio']:.3f}); attention maps rel. diff {attention_diff:.1e}, score maps "
                 f"{k['score_relative_difference']:.1e}; labels agree {k['label_agreement']:.4f}"
