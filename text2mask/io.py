@@ -19,6 +19,11 @@ from .errors import InputError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (by suffix, any case), in name order."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 array (H, W, 3) as a person sees the photo (EXIF orientation applied)."""
     path = Path(path)

@@ -21,7 +21,7 @@ import csv
 from pathlib import Path, PurePosixPath
 
 from ..classes import ClassSet, load_class_set
-from ..io import IMAGE_SUFFIXES
+from ..io import IMAGE_SUFFIXES, image_files
 from .base import Dataset, DatasetError, Sample
 from .voc import class_indices, read_labels_file
 
@@ -64,8 +64,7 @@ def read_csv_labels(path: Path, class_set: ClassSet) -> dict[str, tuple[int, ...
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(folder.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    return {p.name: p for p in image_files(folder)}
 
 
 def load_folder(images_dir: str | Path, labels_file: str | Path, class_set: ClassSet | str | Path) -> Dataset:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import IMAGE_SUFFIXES, write_bytes
+from ..io import image_files, write_bytes
 from ..log import get, progress
 from ..modeling.latents import image_seed
 
@@ -30,9 +30,7 @@ JPEG_QUALITY = 95
 
 def class_photos(folder: Path) -> list[Path]:
     """The class photos already in ``folder``, in name order."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return image_files(folder) if folder.is_dir() else []
 
 
 def generate_class_images(sd, class_name: str, folder: Path, count: int, size: int, seed: int = 0,

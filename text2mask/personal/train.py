@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, read_image
+from ..io import image_files, read_image
 from ..log import get, progress
 from .concept import KV_PARAMS, Q_OUT_PARAMS, add_tokens, save_concept
 
@@ -135,7 +135,7 @@ def _collate(items: list[dict]) -> dict:
 def read_photos(paths: Sequence[Path], what: str) -> list[np.ndarray]:
     files = []
     for p in map(Path, paths):
-        files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        files += image_files(p) if p.is_dir() else [p]
     if not files:
         raise InputError(f"no {what} photos found in {', '.join(map(str, paths))}")
     return [read_image(f) for f in files]

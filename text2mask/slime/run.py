@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from ..io import IMAGE_SUFFIXES, read_image, write_index_png, write_png
+from ..io import image_files, read_image, write_index_png, write_png
 from ..runs import RunOptions, RunSummary, run
 from ..runs.manifest import model_identity
 from ..runs.method import Evaluation
@@ -49,7 +49,7 @@ def photos(paths: Sequence[str | Path]) -> list[Photo]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            found += image_files(p)
         elif p.is_file():
             found.append(p)
         else:
