@@ -96,7 +96,7 @@ def test_prompts_file_that_is_not_a_class_set(doc, text, tmp_path):
     ("background_power", "2", "background_power must be a number"),
 ])
 def test_nonsense_method_parameters_in_a_prompts_file(key, value, text, photos, tmp_path):
-    doc = json.loads((ROOT / "text2mask" / "class_sets" / "voc.json").read_text())
+    doc = json.loads((ROOT / "prompts" / "voc.json").read_text())
     doc[key] = value
     prompts = tmp_path / "classes.json"
     prompts.write_text(json.dumps(doc))  # NaN and Infinity as Python's json writes them
@@ -245,7 +245,7 @@ def test_valid_coco_annotations_still_render(tmp_path):
 
 def test_reordered_voc_class_file_with_labels_from_masks(tmp_path, make_voc_tree):
     root = make_voc_tree(tmp_path / "VOC2012", IDS)
-    doc = json.loads((ROOT / "text2mask" / "class_sets" / "voc.json").read_text())
+    doc = json.loads((ROOT / "prompts" / "voc.json").read_text())
     person = next(c for c in doc["classes"] if c["name"] == "person")
     doc["classes"].remove(person)
     doc["classes"].insert(0, person)
@@ -301,7 +301,7 @@ def test_segment_refuses_to_overwrite_a_photo_or_write_into_a_file(tmp_path):
     res = invoke("segment", png, "--labels", "cat", "--out", folder,
                  "--model", "/no/such/model", "--device", "cpu")
     assert res.exit_code == EXIT_CONFIG
-    one_error(res, "would replace the input photo", str(png))
+    one_error(res, f"--out {folder} is the folder of the photo {png}", "inputs are never written")
     assert png.read_bytes() == before
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine\n")
@@ -346,7 +346,7 @@ def run_folder(tmp_path):
             (run / folder).mkdir(parents=True, exist_ok=True)
             a = np.asarray(Image.open(GT / f"{i}.png"))
             Image.fromarray(np.where(a == 255, 0, a) if folder != "masks" else a).save(run / folder / f"{i}.png")
-    names = json.loads((ROOT / "text2mask" / "class_sets" / "voc.json").read_text())["classes"]
+    names = json.loads((ROOT / "prompts" / "voc.json").read_text())["classes"]
     (run / "run.json").write_text(json.dumps({
         "fingerprint": {"class_set": {"classes": [{"name": c["name"]} for c in names]},
                         "method": {"confidence": 0.95}},
@@ -394,7 +394,7 @@ def test_visualize_never_overwrites_its_inputs(run_folder, tmp_path):
     before = {p: p.read_bytes() for p in (run_folder / "masks").iterdir()}
     res = invoke("visualize", "--run", run_folder, "--out", run_folder / "masks")
     assert res.exit_code == EXIT_CONFIG
-    one_error(res, "would replace the input file")
+    one_error(res, f"--out {run_folder / 'masks'} is the run's masks/ folder", "inputs are never written")
     assert {p: p.read_bytes() for p in (run_folder / "masks").iterdir()} == before
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine\n")

@@ -9,9 +9,9 @@ from text2mask.errors import DatasetError
 from text2mask.data.folder import load_folder
 
 JPEGS = Path(__file__).resolve().parent.parent / "samples" / "voc-mini" / "VOC2012" / "JPEGImages"
-VOC = Path(__file__).resolve().parent.parent / "text2mask" / "class_sets" / "voc.json"
+VOC = Path(__file__).resolve().parent.parent / "prompts" / "voc.json"
 
-# A user class set in the text2mask/class_sets/voc.json format, with a class VOC does not have.
+# A user class set in the prompts/voc.json format, with a class VOC does not have.
 CLASSES = {
     "name": "mine",
     "box_threshold": 0.3,

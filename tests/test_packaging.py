@@ -37,6 +37,6 @@ def test_bundled_class_sets_resolve_from_a_wheel_install(tmp_path):
     for name in ("voc", "coco"):
         names, path = got[name]
         assert path.startswith(str(venv)), path  # from the install, not the checkout
-        doc = json.loads((ROOT / "text2mask" / "class_sets" / f"{name}.json").read_text())
+        doc = json.loads((ROOT / "prompts" / f"{name}.json").read_text())
         assert names == ["background"] + [c["name"] for c in doc["classes"]]
     assert len(got["voc"][0]) == 21 and len(got["coco"][0]) == 81

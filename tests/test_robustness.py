@@ -4,8 +4,8 @@ Per-image problems (a file that is missing, empty, truncated, not an image; grou
 with a value outside the class list) fail THAT image: a message naming the file and the
 cause, an entry (id, stage, error) in failures.jsonl, exit code 1, and every other image
 still gets masks/, initial/ and crf/. Unusual but valid photos (grayscale, RGBA, CMYK,
-16-bit, palette, EXIF-rotated, 8x8, 5000x100, huge) are written at the size a person
-sees. Configuration errors exit 2 with one message before any model work.
+16-bit, palette, EXIF-tagged, 8x8, 5000x100, huge) are written at their stored size
+(the EXIF orientation tag is not applied: README, Inputs). Configuration errors exit 2 with one message before any model work.
 
 The tiny model costs seconds per image whatever the photo size (the UNet always sees a
 704..1024-pixel side), so the per-image failures share ONE run (one good image among
@@ -225,7 +225,7 @@ def _exif_rotated(folder):
     exif = Image.Exif()
     exif[0x0112] = 6                                 # Orientation: rotate 90 CW to display
     photo().save(p, "JPEG", quality=95, exif=exif)
-    return p, "RGB", (500, 281)                      # the DISPLAYED size: portrait
+    return p, "RGB", (281, 500)                      # the STORED size: the tag is not applied
 
 
 def _eight_by_eight(folder):
@@ -261,9 +261,9 @@ def test_unusual_photo_is_written_at_its_displayed_size(case, voc_predictor, tmp
         assert (rgb[:, 250:] == np.asarray(photo())[:, 250:]).all()
     elif case == "16bit":       # scaled to 8 bits, not clipped at 255
         assert (rgb[..., 0] == np.asarray(photo().convert("L"))).all()
-    elif case == "exif_rotated":  # the pixels a person sees: stored pixels turned 90 degrees clockwise
+    elif case == "exif_rotated":  # the stored pixels, as the datasets' ground truth is aligned
         assert stored.shape == (281, 500, 3)
-        assert (rgb == np.rot90(stored, k=-1)).all()
+        assert (rgb == stored).all()
     elif case in ("grayscale", "cmyk", "palette"):
         assert (rgb == stored).all()
 

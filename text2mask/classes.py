@@ -2,7 +2,8 @@
 the synonym text and background words the WSSS prompt composer uses, plus the dataset's
 method parameters (box threshold, background tau and p).
 
-Bundled sets (``voc``, ``coco``) ship inside the package (``text2mask/class_sets``) and
+Bundled sets (``voc``, ``coco``) live in the top-level ``prompts/`` folder and ship inside the
+package as ``text2mask/prompts`` (a link to it; a wheel carries a copy) and
 are read with ``importlib.resources``, so they resolve for editable, wheel and
 ``--user`` installs alike. Every place that turns names into indices uses this module.
 
@@ -28,7 +29,7 @@ MAX_CLASSES = IGNORE_INDEX - 1     # classes 1..254 besides background 0
 
 def bundled_path(name: str):
     """The bundled class-set file ``name`` (voc, coco) as an importlib.resources path."""
-    return resources.files("text2mask").joinpath("class_sets", f"{name}.json")
+    return resources.files("text2mask").joinpath("prompts", f"{name}.json")
 
 
 def check_class_text(text: str) -> str:

@@ -1,7 +1,8 @@
 """Error types every method shares, and the exit codes the CLI maps them to.
 
     0    finished; every item written
-    1    finished, but some items failed (each one recorded in the run's failure log)
+    1    finished, but some items failed (each one recorded in the run's failure log),
+         or a training diverged (non-finite loss or parameter; nothing NaN is written)
     2    configuration error: bad option, input file, model or output folder, found
          before any work (or the run folder belongs to another configuration)
     3    crashed: an unexpected error stopped the run (the folder can be resumed)
@@ -34,3 +35,8 @@ class ModelLoadError(ConfigError):
 
 class ConfigMismatch(ConfigError):
     """The output folder holds results of another configuration."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step gave a non-finite loss or parameter: the CLI prints it and exits 1,
+    and nothing trained is written (the last good checkpoint stays)."""

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .classes import IGNORE_INDEX as UNSURE
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .io import IMAGE_SUFFIXES, read_json, write_png
 from .log import get
 
@@ -165,18 +165,6 @@ class Pages:
     index: Path
     shown: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def check_targets(out: Path, targets: list[Path], inputs: list[Path]) -> None:
-    """Refuse, before writing anything, an --out that is a file or whose outputs would
-    replace one of the files they are drawn from."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file, not a folder")
-    read = {p.resolve() for p in inputs if p.exists()}
-    clash = [t for t in targets if t.resolve() in read]
-    if clash:
-        raise ConfigError(f"--out {out}: writing {clash[0].name} there would replace the input file {clash[0]}; "
-                          "choose another output folder")
 
 
 def iou_bar_chart(result: dict, path: str | os.PathLike) -> Path:

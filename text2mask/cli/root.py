@@ -49,7 +49,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from ..errors import EXIT_CONFIG, EXIT_CRASHED, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, ConfigError
+from ..errors import EXIT_CONFIG, EXIT_CRASHED, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, ConfigError, TrainingDiverged
 from ..log import get
 
 log = get(__name__)
@@ -63,11 +63,17 @@ def exits(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        from .. import guard
+
+        guard.release()     # the inputs an earlier command (same process) protected
         try:
             return command(*args, **kwargs)
         except ConfigError as e:
             log.error(str(e))
             raise typer.Exit(EXIT_CONFIG) from None
+        except TrainingDiverged as e:
+            log.error(str(e))
+            raise typer.Exit(EXIT_FAILED_ITEMS) from None
         except KeyboardInterrupt:
             log.error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -79,6 +85,8 @@ def exits(command):
             log.error(f"{type(e).__name__}: {text} (crashed; rerun with -v for the traceback)"
                       if text else f"{type(e).__name__} (crashed; rerun with -v for the traceback)")
             raise typer.Exit(EXIT_CRASHED) from None
+        finally:
+            guard.release()
 
     return run
 
@@ -124,7 +132,8 @@ MODEL_HELP = "Hugging Face id, local diffusers folder, or single .ckpt/.safetens
 CONFIG_HELP = ("With a single-file --model: a diffusers folder or hub id with the component configs and "
                "tokenizer (needed offline).")
 ORIGINAL_CONFIG_HELP = "With a single-file --model of a non-standard architecture: its original (ldm) YAML."
-DTYPE_HELP = "auto: fp16 on CUDA, fp32 on CPU (bf16: faster on CPUs with AVX512-BF16 or AMX, slightly different masks)."
+DTYPE_HELP = ("auto: fp32 on every device, as the official evaluations (fp16/bf16: faster, slightly different "
+              "masks; bf16 is fast on CPUs with AVX512-BF16 or AMX).")
 WORKERS_HELP = ("Writer processes (CRF, PNGs). Default: sized from the measured model and writing rates, "
                 "1 to cores - 1. N: exactly N. 0: in this process.")
 

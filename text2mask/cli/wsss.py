@@ -16,6 +16,7 @@ from ..wsss.refine import CRF_IMAGES
 from ..wsss.result import MaskConfig
 
 from ..errors import EXIT_CONFIG, EXIT_FAILED_ITEMS as EXIT_FAILED_IMAGES, ConfigError, InputError
+from ..guard import Guard, safe_name
 from ..log import get, progress
 from .root import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, MODEL_PANEL, ORIGINAL_CONFIG_OPTION, REVISION_OPTION, WORKERS_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
@@ -138,7 +139,6 @@ def generate(
     from ..distributed import Distributed
     from ..errors import DatasetError
     from ..runs.budget import parse_budget, resolve_budget
-    from ..runs.folder import check_writable
     from ..wsss.run import RunOptions, generate as run
 
     # 1. Everything that can be checked without the model.
@@ -161,7 +161,9 @@ def generate(
         check_compiler(resolve_device(device).type)
     if draws is not None and not draws.is_dir():
         raise ConfigError(f"--draws {draws}: no such folder (pass the draws/ folder of a run made with --save-draws)")
-    check_writable(out)
+    _guard_dataset(ds, out, model, files=[(labels, "labels file"), (annotations, "annotations file"),
+                                          (Path(prompts) if prompts else None, "prompts file"),
+                                          (draws, "--draws folder"), (original_config, "original config")])
     dist = Distributed.from_env()  # accelerate launch / torchrun: one process per device
     if dist.world > 1 and device == "auto":
         device = dist.device()
@@ -237,6 +239,14 @@ def evaluate(
         if json_out.suffix.lower() != ".json":
             raise ConfigError(f"--json {json_out}: the metrics file must end in .json "
                               "(its bar chart is written next to it with .png)")
+    guard = Guard()
+    guard.input(pred, "prediction folder")
+    guard.input(gt, "ground-truth folder")
+    guard.input(split_file, "split file")
+    if json_out is not None:    # a report: rewritten by a rerun, never over an input
+        guard.output_file(json_out, "--json", replace=True)
+        guard.output_file(json_out.with_suffix(".png"), "--json's bar chart", replace=True)
+    guard.check()
     names = None
     if prompts or num_classes in (21, 81):
         cs = load_class_set(prompts or ("voc" if num_classes == 21 else "coco"))
@@ -274,6 +284,12 @@ def coco_gt(
     from ..data.coco import build_gt, load_coco
 
     ds = load_coco(data_root, split, images_dir=images_dir, annotations=annotations)
+    guard = Guard()
+    guard.inputs(dict.fromkeys(s.image.parent for s in ds.samples), "photo folder")
+    guard.input(ds.annotations, "annotations file")
+    if (out or ds.gt_cache) is not None:
+        guard.output_folder(out if out is not None else ds.gt_cache)
+    guard.check()
     where = build_gt(ds, out, progress=True)
     typer.echo(f"ground truth of {len(ds)} images in {where}")
 
@@ -337,16 +353,17 @@ def _phrase_class_set(labels: str):
         raise ConfigError(f"--labels: {e}") from None
 
 
-def _check_outputs(out: Path, images: list[Path]) -> None:
-    """Refuse an --out that is a file, or outputs that would replace one of the photos."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file, not a folder")
-    photos = {p.resolve() for p in images if p.exists()}
-    for p in images:
-        for target in (out / f"{p.stem}.png", out / f"{p.stem}_overlay.png"):
-            if target.resolve() in photos:
-                raise ConfigError(f"--out {out}: writing {target.name} there would replace the input photo "
-                                  f"{target}; choose another output folder")
+def _guard_dataset(ds, out: Path, model: str, files) -> None:
+    """The guard of ``generate``: the photo and ground-truth folders, the given files and a
+    local model are inputs; --out may not be, hold or lie inside any of them."""
+    guard = Guard()
+    guard.inputs(dict.fromkeys(s.image.parent for s in ds.samples), "photo folder")
+    guard.inputs(ds.gt_dirs, "ground-truth folder")
+    for path, what in files:
+        guard.input(path, what)
+    guard.model(model)
+    guard.output_folder(out)
+    guard.check()
 
 
 @app.command()
@@ -382,7 +399,15 @@ def segment(
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise ConfigError("two images share a file name stem; their outputs would overwrite each other")
-    _check_outputs(out, images)
+    guard = Guard()
+    guard.inputs(images, "photo")
+    guard.input(original_config, "original config")
+    guard.model(model)
+    guard.output_folder(out)
+    for p in images:
+        for target in (out / f"{safe_name(p.stem, 'photo name')}.png", out / f"{p.stem}_overlay.png"):
+            guard.output_file(target, "output", replace=True)
+    guard.check()
     # 2. The model, and the prompt of every phrase (a phrase too long for 77 tokens fails here).
     quiet_libraries()
     from ..wsss.predictor import Text2Mask

@@ -1,7 +1,7 @@
 """The user's own images: a folder of photos plus a labels file naming each one's classes.
 
 Labels file (keys are file names or stems; classes are names, or indices 1..n, of the
-class set, a JSON file in the format of ``text2mask/class_sets/voc.json``):
+class set, a JSON file in the format of ``prompts/voc.json``):
 
 - JSON: ``{"img1.jpg": ["dog", "person"], "img2": "cat; sofa"}``.
 - CSV (``.csv``, ``.tsv``, ``.txt``), one row per image, the spreadsheet form:

@@ -15,9 +15,10 @@ from PIL import Image
 
 from ..classes import IGNORE_INDEX as UNSURE
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, read_image, read_index_png, write_png, write_text
+from ..io import read_image, read_index_png, write_png, write_text
 from ..log import get, progress
-from ..visualize import Pages, binary_map, check_targets, colorize, find_photo, read_run_json, titled_row
+from ..guard import Guard
+from ..visualize import Pages, binary_map, colorize, find_photo, read_run_json, titled_row
 from .refine import TRAINING_MASK_CONFIDENCE
 from .result import UNCERTAIN_GAP, uncertain_pixels
 
@@ -146,10 +147,13 @@ def visualize_run(run_dir: str | os.PathLike, n: int = 16, out: str | os.PathLik
         raise InputError(f"{run_dir / 'masks'}: no masks to show")
 
     out = Path(out) if out is not None else run_dir / "vis"
-    inputs = [image_dir / f"{k}{s}" for k in ids for s in IMAGE_SUFFIXES]
-    inputs += [run_dir / f / f"{k}.png" for k in ids for f in ("masks", "initial", "crf")]
-    inputs += [d / f"{k}.png" for k in ids for d in gt_dirs]
-    check_targets(out, [out / f"{k}.png" for k in ids] + [out / "index.html"], inputs)
+    guard = Guard()
+    guard.input(image_dir, "photo folder")
+    for f in ("masks", "initial", "crf"):
+        guard.input(run_dir / f, f"run's {f}/ folder")
+    guard.inputs(gt_dirs, "ground-truth folder")
+    guard.output_folder(out)
+    guard.check()
 
     pages = Pages(out / "index.html")
     title_unsure = f"unsure: CRF confidence < {record.confidence:g}"
