@@ -118,3 +118,14 @@ def test_help_groups_options():
     assert res.exit_code == 0
     for panel in ("Data", "Output", "Model", "Method"):
         assert f"─ {panel} ─" in res.stdout, panel
+
+
+def test_help_into_a_reader_that_stops_early_exits_0():
+    """`text2mask --help | head -1`: the closed pipe is not a failure."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "text2mask", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()    # closed before the help is written (imports take a second): EPIPE for sure
+    assert p.wait(timeout=60) == 0, p.stderr.read().decode()

@@ -6,15 +6,37 @@ of them (no import cycle).
 """
 from __future__ import annotations
 
+import os
+import sys
+
 from . import fewshot, refer, slime, wsss  # noqa: F401  (wsss and refer put their commands on the root app)
+from . import export  # noqa: F401,E402  (`text2mask export`, on the root app)
 from .root import app
 
 app.add_typer(slime.app, name="slime")
 app.add_typer(fewshot.app, name="fewshot")
 
 
+def _stdout_is_devnull() -> bool:
+    try:
+        out, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+
+
 def main() -> None:
-    app()
+    devnull_before = _stdout_is_devnull()
+    try:
+        app()
+    except SystemExit as e:
+        # A reader that stops early (`text2mask --help | head`) closes the pipe: rich then
+        # points stdout at /dev/null and exits 1 (click wraps stdout and exits 1). Nothing
+        # failed, so exit 0; a real exit 1 (failed items) keeps its code.
+        broken = "PacifyFlushWrapper" in type(sys.stdout).__name__ or (_stdout_is_devnull() and not devnull_before)
+        if e.code == 1 and broken:
+            sys.exit(0)
+        raise
 
 
 __all__ = ["app", "main"]
