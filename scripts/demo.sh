@@ -19,6 +19,15 @@ if [ "$offline" = 1 ]; then
         --model runs/tiny-sd --out runs/demo-offline-MEANINGLESS "${args[@]}"
     echo "*** outputs in runs/demo-offline-MEANINGLESS (random model: meaningless) ***" >&2
 else
+    set +e
     text2mask generate --dataset voc --data-root samples/voc-mini/VOC2012 --split train \
         --model CompVis/stable-diffusion-v1-4 --out runs/demo "${args[@]}"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 2 ]; then
+        echo "hint: if the model could not be loaded because this machine cannot reach the Hugging Face" \
+             "hub (and has no cached copy), run: scripts/demo.sh --offline (a tiny random model: the" \
+             "masks are meaningless, the pipeline is real)" >&2
+    fi
+    exit "$rc"
 fi

@@ -415,3 +415,46 @@ def test_visualize_malformed_run_json(doc, text, run_folder):
     res = invoke("visualize", "--run", run_folder)
     assert res.exit_code == EXIT_CONFIG
     one_error(res, str(run_folder / "run.json"), text)
+
+
+# --- the guard on the WSSS commands (issue 21, rule 1 and 6) -------------------------------
+
+def test_evaluate_json_never_replaces_a_ground_truth_or_prediction(two_predictions, tmp_path, make_voc_tree):
+    root = make_voc_tree(tmp_path / "VOC2012", IDS[:2])
+    gt = root / "SegmentationClass"
+    before = {p: p.read_bytes() for p in [*gt.iterdir(), *two_predictions.iterdir()]}
+    for target, what in ((gt / "m.json", "lies inside the ground-truth folder"),
+                         (two_predictions / "m.json", "lies inside the prediction folder")):
+        res = invoke("evaluate", "--pred", two_predictions, "--gt", gt, "--json", target)
+        assert res.exit_code == EXIT_CONFIG
+        one_error(res, f"--json {target}", what)
+        assert not target.exists()
+    # the chart beside the .json would be a PNG named like a ground-truth mask
+    res = invoke("evaluate", "--pred", two_predictions, "--gt", gt, "--json", gt / f"{IDS[0]}.json")
+    assert res.exit_code == EXIT_CONFIG
+    assert {p: p.read_bytes() for p in [*gt.iterdir(), *two_predictions.iterdir()]} == before
+    res = invoke("evaluate", "--pred", two_predictions, "--gt", gt, "--json", tmp_path / "r" / "m.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "m.json").read_text())["mIoU"] == 100.0
+
+
+@pytest.mark.parametrize("where", ["JPEGImages", "JPEGImages/pseudo", "SegmentationClass", "."])
+def test_generate_refuses_an_out_that_is_or_holds_or_lies_in_the_data(where, tmp_path, make_voc_tree):
+    root = make_voc_tree(tmp_path / "VOC2012", IDS[:2])
+    listing = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    out = root / where
+    res = invoke("generate", "--data-root", root, "--out", out, "--model", "/no/such/model", "--device", "cpu")
+    assert res.exit_code == EXIT_CONFIG
+    one_error(res, "inputs are never written")
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == listing   # nothing created
+
+
+def test_generate_accepts_a_new_folder_beside_the_data_and_fails_on_the_model(tmp_path, make_voc_tree):
+    """--out VOC2012/pseudo is neither an input folder nor holds one: the guard passes, the
+    bad model is the next error (so the guard ran before the model and did not create --out)."""
+    root = make_voc_tree(tmp_path / "VOC2012", IDS[:2])
+    res = invoke("generate", "--data-root", root, "--out", root / "pseudo", "--model", tmp_path / "nope",
+                 "--device", "cpu")
+    assert res.exit_code == EXIT_CONFIG
+    line = one_error(res)
+    assert "inputs are never written" not in line and "nope" in line
