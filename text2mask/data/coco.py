@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
 from ..io import read_json, write_index_png
+from ..log import progress as progress_bar
 from ..classes import ClassSet, load_class_set
 from .base import Dataset, DatasetError, Sample
 
@@ -233,7 +233,7 @@ def build_gt(dataset: CocoDataset, out_dir: str | Path | None = None, progress: 
         raise DatasetError(f"{out}: cannot create the ground-truth folder ({e}); choose another one") from None
     coco = read_annotations(dataset.annotations)
     cat_to_index = {c: i for i, c in enumerate(dataset.cat_ids, start=1)}
-    for s in tqdm(todo, desc="COCO ground truth", unit="img", disable=not progress):
+    for s in progress_bar(todo, enabled=progress, desc="COCO ground truth", unit="img"):
         write_index_png(out / f"{s.id}.png", render_gt(coco, dataset.image_ids[s.id], cat_to_index))
     return out
 
