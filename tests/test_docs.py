@@ -94,3 +94,25 @@ def test_every_documented_command_exists_and_its_help_runs(page, line):
     assert path, f"{page}: `{line}` names no text2mask command"
     res = CliRunner().invoke(app, [*path, "--help"])
     assert res.exit_code == 0 and "Traceback" not in res.output, (page, line, res.output[-2000:])
+
+
+def _all_commands():
+    from text2mask.cli import app
+
+    def walk(cmd, path):
+        yield path
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+@pytest.mark.parametrize("path", _all_commands(), ids=lambda p: " ".join(p) or "text2mask")
+def test_every_help_names_the_exit_codes_and_shows_no_bool_metavar(path):
+    from text2mask.cli import app
+
+    res = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.replace("│", " ").split())
+    assert "Exit codes: 0 done; 1 some items failed" in flat and "130 interrupted" in flat, flat[-400:]
+    assert "<bool>" not in res.output and "BOOLEAN" not in res.output

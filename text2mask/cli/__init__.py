@@ -16,6 +16,16 @@ from .root import app
 app.add_typer(slime.app, name="slime")
 app.add_typer(fewshot.app, name="fewshot")
 
+# Every command's --help ends with the exit codes (one contract: text2mask.errors).
+EXIT_CODES = ("Exit codes: 0 done; 1 some items failed (named; batch runs log them in failures.jsonl) or a "
+              "training diverged; 2 bad option, input, model or output, found before any work; 3 crashed "
+              "(-v shows the traceback); 130 interrupted.")
+for _typer in (app, *(g.typer_instance for g in app.registered_groups)):
+    for _command in _typer.registered_commands:
+        _command.epilog = _command.epilog or EXIT_CODES
+for _info in (app.info, *(g for g in app.registered_groups)):
+    _info.epilog = _info.epilog or EXIT_CODES
+
 
 def _stdout_is_devnull() -> bool:
     try:

@@ -54,6 +54,24 @@ from ..log import get
 
 log = get(__name__)
 
+def _hide_flag_types() -> None:
+    """``--help`` shows no value type for an on/off flag: typer labels every flag ``<bool>``,
+    which reads as if the flag took a value."""
+    from typer.core import TyperOption
+
+    if getattr(TyperOption, "_text2mask_flags", False):
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+    TyperOption._text2mask_flags = True
+
+
+_hide_flag_types()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Segmentation masks from the attention inside Stable Diffusion.")
 
