@@ -106,8 +106,9 @@ def test_loss_falls_and_fitted_rows_beat_the_initial_ones(sd, car):
         opt.step()
         history.append(losses.numbers())
     first, last = history[0], history[-1]
-    # Measured on this seed: total 1.871 -> 1.744, CE 1.108 -> 1.015 (the MSE of a random
-    # UNet's WAS barely moves); a 5 % margin on each.
+    # Measured on this seed: total 1.870 -> 1.749, CE 1.107 -> 1.019 (the MSE of a random
+    # UNet's WAS barely moves); a 5 % margin on each. (With PIL's antialiased squash, before
+    # the canvas was resized by cv2.resize as the official A.Resize does: 1.871 -> 1.746.)
     assert last["total"] < 0.95 * first["total"]
     assert last["ce"] < 0.95 * first["ce"]
     assert sum(b["total"] < a["total"] for a, b in zip(history, history[1:])) >= 25
@@ -126,7 +127,7 @@ def parameters_digest(*modules):
 
 
 def test_fit_changes_only_the_learned_rows_and_resumes_exactly(sd, car, tmp_path):
-    s = settings(epochs=3, augment=True, min_crop=0.6, rotate=30)
+    s = settings(epochs=3, augment=True, min_crop=0.6, rotate=30, select="last")
     before = parameters_digest(sd.unet, sd.text_encoder, sd.vae)
     straight = FIT.fit(sd, [car], CLASSES, s, progress=False)
     after = parameters_digest(sd.unet, sd.text_encoder, sd.vae)
@@ -135,18 +136,15 @@ def test_fit_changes_only_the_learned_rows_and_resumes_exactly(sd, car, tmp_path
     assert torch.equal(straight.cond[0], cond0[0]) and torch.equal(straight.cond[3:], cond0[3:])
     assert not torch.equal(straight.cond[1:3], cond0[1:3])
     assert torch.equal(straight.uncond, uncond)
-    assert len(straight.history) == 3 and straight.best_epoch is None
+    assert len(straight.history) == 3 and straight.best_epoch is None and straight.validation_iou is None
+    assert [e["validation_iou"] for e in straight.epochs] == [None] * 3
 
     ckpt = tmp_path / "fit.ckpt"
     FIT.fit(sd, [car], CLASSES, replace(s, epochs=2), checkpoint=ckpt, progress=False)
     assert ckpt.is_file()
     resumed = FIT.fit(sd, [car], CLASSES, s, checkpoint=ckpt, progress=False)
     assert torch.equal(resumed.cond, straight.cond)
-    assert [h["t"] for h in resumed.history] == [h["t"] for h in straight.history]
-
-    from text2mask.errors import ConfigMismatch
-    with pytest.raises(ConfigMismatch, match="another fit"):
-        FIT.fit(sd, [car], CLASSES, replace(s, lr=0.05), checkpoint=ckpt, progress=False)
+    assert resumed.history == straight.history and resumed.epochs == straight.epochs
 
 
 def test_validation_keeps_the_best_epoch(sd, car):

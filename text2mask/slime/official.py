@@ -16,10 +16,12 @@ from .segment import SegmentSettings
 
 
 def import_official(folder: str | os.PathLike, sd, classes: str | None = None,
-                    init_prompt: str | None = None) -> SlimeParts:
+                    init_prompt: str | None = None, bgr: bool = False) -> SlimeParts:
     """Parts from an official checkpoint folder: ``embedding_i.pth`` (i = 0..K-2), each
     the (1, 1, D) learned row of class i + 1, spliced into this model's "part" x K
-    prompt (or ``init_prompt``, the official ``--text_prompt``)."""
+    prompt (or ``init_prompt``, the official ``--text_prompt``). ``bgr``: segment with the
+    photo's channels as B, G, R by default (embeddings trained with the official HEAD,
+    which reads photos with ``cv2.imread``; for the released embeddings it is unknown)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
@@ -46,7 +48,9 @@ def import_official(folder: str | os.PathLike, sd, classes: str | None = None,
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ModelLoadError(f"{found[i]}: expected a (1, 1, {width}) embedding for this model, got {shape}")
         rows.append(t.detach().reshape(width).float())
+        if not bool(torch.isfinite(rows[-1]).all()):
+            raise InputError(f"{found[i]}: the embedding holds non-finite values")
     cond0, uncond = initial_prompts(sd, k, init_prompt)
     return SlimeParts(names, splice(cond0, torch.stack(rows)).cpu(), uncond.cpu(), fitted_on(sd),
                       {"imported_from": str(folder.resolve()), "init_prompt": init_prompt,
-                       "segment": asdict(SegmentSettings())})
+                       "segment": asdict(SegmentSettings(bgr=bgr))})

@@ -25,7 +25,7 @@ from ..io import image_input
 from ..modeling.latents import image_seed
 from . import segment as S
 from .artifact import SlimeParts, check_model, fitted_on, load_parts, save_parts
-from .fit import Example, FitSettings, fit
+from .fit import Example, FitSettings, fit, history_document
 
 
 @dataclass
@@ -41,9 +41,10 @@ class Slime:
     def __init__(self, sd, parts: SlimeParts, settings: S.SegmentSettings | None = None, seed: int | None = None):
         check_model(parts, sd)
         self.sd, self.parts = sd, parts
-        self.settings = settings or parts.segment_settings()
+        self.settings = (settings or parts.segment_settings()).check()
         self.seed = parts.seed if seed is None else seed
         self.cond = parts.cond.to(sd.device)
+        self.history: dict | None = None   # set by ``fit``
 
     @property
     def classes(self) -> list[str]:
@@ -51,13 +52,19 @@ class Slime:
 
     @classmethod
     def fit(cls, sd, examples: Sequence[Example], classes: Sequence[str], settings: FitSettings | None = None,
-            validation: Example | None = None, checkpoint: str | os.PathLike | None = None,
-            progress: bool = True) -> "Slime":
+            validation: Example | Sequence[Example] | None = None, checkpoint: str | os.PathLike | None = None,
+            progress: bool = True, restart: bool = False) -> "Slime":
+        """Fit the parts (``fit.fit``); the result's ``history`` holds the per-epoch losses
+        and validation mIoU (``fit.history_document``)."""
         settings = settings or FitSettings()
-        res = fit(sd, examples, classes, settings, validation, checkpoint, progress)
+        res = fit(sd, examples, classes, settings, validation, checkpoint, progress, restart=restart)
         parts = SlimeParts(list(classes), res.cond.cpu(), res.uncond.cpu(), fitted_on(sd),
                            settings.to_dict(), settings.seed, res.best_epoch, res.validation_iou)
-        return cls(sd, parts, settings.segment)
+        slime = cls(sd, parts, settings.segment)
+        where = ("none (last epoch kept)" if settings.select == "last" else
+                 "the validation pairs" if validation else "the training pairs, unaugmented")
+        slime.history = history_document(res, classes, settings, where)
+        return slime
 
     @classmethod
     def load(cls, path: str | os.PathLike, sd, settings: S.SegmentSettings | None = None,
@@ -71,7 +78,8 @@ class Slime:
         return Slime(self.sd, self.parts, replace(self.settings, **changes), self.seed)
 
     def canvases(self, rgbs: Sequence[np.ndarray]) -> list[S.Canvas]:
-        return [S.to_canvas(rgb, self.settings.canvas, self.settings.keep_aspect) for rgb in rgbs]
+        s = self.settings
+        return [S.to_canvas(rgb, s.canvas, s.keep_aspect, s.bgr) for rgb in rgbs]
 
     def segment(self, items: Sequence[tuple[str, np.ndarray]]) -> list[SlimeResult]:
         """(key, RGB) photos -> results; one UNet call for all their tiles. Each photo's

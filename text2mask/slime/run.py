@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from ..guard import safe_name
 from ..io import image_files, read_image, write_index_png, write_png
 from ..runs import RunOptions, RunSummary, run
 from ..runs.manifest import model_identity
@@ -58,6 +59,7 @@ def photos(paths: Sequence[str | Path]) -> list[Photo]:
         raise InputError(f"no images in {', '.join(map(str, paths))}")
     seen: dict[str, Path] = {}
     for f in found:
+        safe_name(f.stem, f"photo id of {f}")   # it names masks/<id>.png and the other outputs
         if f.stem in seen:
             raise InputError(f"{f} and {seen[f.stem]} share the id {f.stem!r}: their masks would collide")
         seen[f.stem] = f
@@ -100,7 +102,8 @@ class SlimeMethod:
                 "segment": asdict(self.slime.settings), "seed": self.slime.seed, "folders": list(self.folders)}
 
     def describe(self) -> dict:
-        return {"model": self.slime.sd.info, "parts": {"path": abspath(self.parts_path), **self.slime.describe()}}
+        # not "parts": run.json uses that key for the shards of a sharded run
+        return {"model": self.slime.sd.info, "parts_file": {"path": abspath(self.parts_path), **self.slime.describe()}}
 
     def inputs(self, photo: Photo) -> dict:
         return {"photo_sha256": file_digest(photo.image, "image file")}

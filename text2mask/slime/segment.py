@@ -1,6 +1,7 @@
 """SLiMe inference (official ``get_patched_masks``): tiles, WAS per kept class, merge.
 
-On the S x S canvas (S = 512; the photo squashed to it, or padded with ``keep_aspect``):
+On the S x S canvas (S = 512; the photo squashed to it by ``cv2.resize`` as the official
+``A.Resize`` does, or padded with ``keep_aspect``):
 
 1. n x n square tiles of side P, stride (S - P) // (n - 1); each tile is resized back to
    S x S (a zoom, no extra resolution).
@@ -18,17 +19,20 @@ Labels are written at the ORIGINAL image size: the K score maps are resized bili
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
+from ..errors import ConfigError
 from ..modeling.capture import AttentionCapture
 from ..modeling.latents import q_sample
 from ..preprocess import PAD_RGB
 from ..wsss.propagate import resize
+from . import augment as AUG
 from . import diffusion as D
 from . import maps as M
 
@@ -136,6 +140,28 @@ class SegmentSettings:
     class_threshold: float = CLASS_THRESHOLD
     keep_aspect: bool = False       # pad to a square instead of squashing (not official)
     canvas: int = CANVAS
+    bgr: bool = False               # feed the photo as B, G, R (the official HEAD's cv2.imread)
+
+    def check(self) -> "SegmentSettings":
+        """ConfigError (exit 2) naming the option of the first setting out of range."""
+        whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+        rules = [
+            ("--t", self.timestep, whole(self.timestep) and 0 <= self.timestep <= 999, "an integer in 0..999"),
+            ("--tiles", self.tiles, whole(self.tiles) and self.tiles >= 1, "an integer >= 1"),
+            ("--canvas", self.canvas, whole(self.canvas) and self.canvas >= 64 and self.canvas % 64 == 0,
+             "a multiple of 64 (the UNet's grids)"),
+            ("--tile-size", self.tile_size, whole(self.tile_size) and 8 <= self.tile_size <= self.canvas,
+             f"an integer in 8..{self.canvas} (the canvas side)"),
+            ("--class-threshold", self.class_threshold,
+             isinstance(self.class_threshold, (int, float)) and not isinstance(self.class_threshold, bool)
+             and math.isfinite(self.class_threshold) and self.class_threshold >= 0, "finite and >= 0"),
+            ("--keep-aspect", self.keep_aspect, isinstance(self.keep_aspect, bool), "true or false"),
+            ("--bgr", self.bgr, isinstance(self.bgr, bool), "true or false"),
+        ]
+        for option, value, ok, want in rules:
+            if not ok:
+                raise ConfigError(f"{option} {value}: must be {want}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -146,19 +172,25 @@ class Canvas:
     valid: tuple[int, int]
 
 
-def to_canvas(rgb: np.ndarray, size: int, keep_aspect: bool) -> Canvas:
-    """Squash to size x size (official), or resize the long side to ``size`` and pad
-    right/bottom with ``preprocess.PAD_RGB`` (``keep_aspect``). Bilinear (PIL)."""
+def channels(rgb: np.ndarray, bgr: bool) -> np.ndarray:
+    """The photo in the channel order the model is fed: RGB, or B, G, R with ``bgr``."""
+    return np.ascontiguousarray(rgb[..., ::-1]) if bgr else rgb
+
+
+def to_canvas(rgb: np.ndarray, size: int, keep_aspect: bool, bgr: bool = False) -> Canvas:
+    """Squash to size x size (official ``A.Resize``: ``cv2.resize`` INTER_LINEAR), or
+    resize the long side to ``size`` and pad right/bottom with ``preprocess.PAD_RGB``
+    (``keep_aspect``); channels as ``channels`` gives them."""
     h, w = rgb.shape[:2]
     if not keep_aspect:
-        return Canvas(D.pixels(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))),
-                      (size, size))
+        return Canvas(D.pixels(channels(AUG.resize_image(rgb, size), bgr)), (size, size))
     s = size / max(h, w)
     rh, rw = max(1, round(h * s)), max(1, round(w * s))
     img = np.empty((size, size, 3), np.uint8)
     img[...] = PAD_RGB
-    img[:rh, :rw] = np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.BILINEAR))
-    return Canvas(D.pixels(img), (rh, rw))
+    img[:rh, :rw] = rgb if (rh, rw) == (h, w) else cv2.resize(np.ascontiguousarray(rgb), (rw, rh),
+                                                               interpolation=cv2.INTER_LINEAR)
+    return Canvas(D.pixels(channels(img, bgr)), (rh, rw))
 
 
 def tile_batch(x: torch.Tensor, boxes: Sequence[Tile]) -> torch.Tensor:
