@@ -78,6 +78,17 @@ def test_evaluate_and_segment_dispatch_on_the_checkpoint(trained, tmp_path):
         with Image.open(VOC / "JPEGImages" / f"{e['query']}.jpg") as im:
             assert mask.shape == (im.height, im.width) and set(np.unique(mask)) <= {0, 1}
     assert [p.name for p in (ev / "visual").iterdir()] == ["0000.png"]
+    # a second seeded manifest of the same fold: `score` gives mean ± std over the seeds
+    man1, ev1 = tmp_path / "episodes-seed1.jsonl", tmp_path / "ev-seed1"
+    assert _run("episodes", "--benchmark", "pascal5i", "--fold", 0, "--data-root", VOC, "--lists", LISTS, "--count", 3,
+                "--seed", 1, "--out", man1).exit_code == 0
+    assert _run("evaluate", "--episodes", man1, "--model", trained, "--out", ev1, "--device", "cpu", "--workers", 0,
+                "--no-progress").exit_code == 0
+    r = _run("score", ev, ev1)
+    assert r.exit_code == 0, r.output
+    m0, m1 = (json.loads((d / "metrics.json").read_text())["mIoU"] for d in (ev, ev1))
+    std = abs(m0 - m1) / 2 ** 0.5
+    assert f"over 2 seeded manifest(s) [0, 1]: mIoU {(m0 + m1) / 2:.1f} ± {std:.1f}%" in r.output, r.output
     r = _run("evaluate", "--episodes", man, "--model", trained, "--out", tmp_path / "ev2", "--device", "cpu",
              "--text-condition", "padded")
     assert r.exit_code == 2 and "DiffSeg" in r.output, r.output

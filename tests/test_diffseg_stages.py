@@ -192,3 +192,16 @@ def test_epoch_lr_is_steplr_and_epochs_visit_every_pair():
     seen = [i for s in steps for r in s for i in r]
     assert set(seen) == set(range(10)) and len(seen) == 12       # wrapped round to whole steps
     assert epoch_batches(10, 42, 3, 2, 2) == steps and epoch_batches(10, 42, 4, 2, 2) != steps
+
+
+def test_mean_and_std_over_seeds_per_fold():
+    from text2mask.errors import InputError
+    from text2mask.fewshot.diffseg.seeds import seed_groups
+
+    rows = [{"benchmark": "pascal5i", "shots": 1, "fold": f, "mIoU": v, "FB-IoU": v + 10}
+            for f, v in ((0, 60.0), (0, 64.0), (0, 62.0), (1, 50.0))]
+    groups = seed_groups([0, 1, 2, 0], rows)[("pascal5i", 1)]
+    assert groups[0]["seeds"] == [0, 1, 2] and groups[0]["mIoU"] == (62.0, 2.0) and groups[0]["FB-IoU"] == (72.0, 2.0)
+    assert groups[1]["mIoU"] == (50.0, 0.0)
+    with pytest.raises(InputError, match="seed 1"):
+        seed_groups([0, 1, 1, 0], rows)
