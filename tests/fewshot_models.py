@@ -1,5 +1,7 @@
 """A tiny random DiffewS checkpoint (text2mask layout) on a tiny SD 2-layout model, for
-the few-shot tests. Its masks are MEANINGLESS: the tests check mechanics only."""
+the few-shot tests and for trying the commands offline
+(``python scripts/make_tiny_model.py --family fewshot OUT``). Its masks are MEANINGLESS:
+it checks mechanics only."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,3 +31,14 @@ def make_fewshot_checkpoint(base_dir: str | Path, out: str | Path, seed: int = 0
     out = save_checkpoint(out, DiffewsUNet(unet, conv), info)
     (Path(out) / RANDOM_WEIGHTS_MARKER).write_text("Random tiny DiffewS checkpoint: masks are meaningless.\n")
     return out
+
+
+def make_tiny_fewshot(out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A self-contained tiny few-shot checkpoint: the tiny SD 2 base in ``out/base``."""
+    from tiny_models import make_tiny_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty; choose a new folder")
+    base = make_tiny_model(out / "base", seed=seed, family="sd2", prediction_type=prediction_type)
+    return make_fewshot_checkpoint(base, out, seed=seed)

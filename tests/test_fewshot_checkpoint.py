@@ -46,6 +46,15 @@ def test_our_layout_round_trip(ckpt):
 
 def test_importer_round_trip(tiny_sd2_dir, ckpt, tmp_path):
     released = _released(tiny_sd2_dir, ckpt, tmp_path / "coco_fold0")
+    with pytest.raises(ModelLoadError, match="It is a released DiffewS folder: convert it first"):
+        read_info(released)
+    from typer.testing import CliRunner
+
+    from text2mask.cli import app
+
+    r = CliRunner().invoke(app, ["fewshot", "import", "--released", str(released), "--base-model", str(tiny_sd2_dir),
+                                 "--out", str(released / "unet")])
+    assert r.exit_code == 2 and "lies inside the released model" in r.output, r.output
     out = import_released(released, tmp_path / "imported", base_model=str(tiny_sd2_dir), fold=0, max_shots=2)
     info = read_info(out)
     assert (info["benchmark"], info["fold"], info["max_shots"], info["text_condition"]) == ("coco20i", 0, 2, "unpadded")

@@ -16,6 +16,7 @@ from text2mask.io import read_index_png
 REPO = Path(__file__).resolve().parent.parent
 VOC = REPO / "samples" / "voc-mini" / "VOC2012"
 LISTS = REPO / "samples" / "fewshot-mini" / "pascal5i"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,13 @@ def test_episodes_evaluate_resume(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["fold"] == 2 and metrics["original"]["episodes"] == 6 and metrics["standard"] is False
+    # the default headline is the paper's protocol (model resolution); the original size beside it
+    assert metrics["score_at"] == "model" and metrics["mIoU"] == metrics["model"]["mIoU"]
+    assert metrics["FB-IoU"] == metrics["model"]["FB-IoU"] and "mIoU" in metrics["original"]
+    assert "scored at the model resolution (the paper's protocol)" in r.output and "at the original size: mIoU" in r.output
+    # a random-weights run says so on the printout, in metrics.json and on every picture
+    assert metrics["random_weights"] is True and "MEANINGLESS" in metrics["warning"]
+    assert "RANDOM WEIGHTS" in r.output
     assert {c["class"] for c in metrics["original"]["per_class"]} == {11, 12, 13, 14, 15}
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["method"] == "fewshot" and run_json["model"]["random_weights"]
@@ -59,6 +67,12 @@ def test_episodes_evaluate_resume(ckpt, tmp_path):
         assert areas["original"][0][1] == int(np.sum(mask.astype(bool) & fg & valid))
         assert areas["original"][1][1] == int(np.sum((mask.astype(bool) | fg) & valid))
     assert sorted(p.name for p in (run / "visual").iterdir()) == ["0000.png", "0001.png"]
+    from text2mask.fewshot.visual import HEIGHT
+    from text2mask.visualize import CAPTION_HEIGHT
+
+    with Image.open(run / "visual" / "0000.png") as im:       # titles + the random-weights banner
+        assert im.height == HEIGHT + 2 * CAPTION_HEIGHT
+    _model_resolution_areas_match_hsnet(ckpt, eps[:2], run)
     before = {p.name: p.stat().st_mtime_ns for p in (run / "masks").iterdir()}
     r = _run(*args)                                       # resume: nothing redone
     assert r.exit_code == 0 and "6 already complete" in r.output, r.output
@@ -74,6 +88,31 @@ def test_episodes_evaluate_resume(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     again = json.loads((sharded / "metrics.json").read_text())
     assert again["original"] == metrics["original"] and again["model"] == metrics["model"]
+
+
+def _model_resolution_areas_match_hsnet(ckpt, eps, run):
+    """areas["model"] against an independent computation: the prediction at R², the ground
+    truth resized by HSNet's F.interpolate(mode='nearest'), 255 ignored, I/U by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from text2mask.fewshot.checkpoint import load_diffews
+    from text2mask.fewshot.model import episode_inputs
+    from text2mask.io import read_image
+
+    m = load_diffews(ckpt, device="cpu", dtype="fp32")
+    r = m.config.resolution
+    for e in eps:
+        def labelled(name):
+            return read_image(VOC / "JPEGImages" / f"{name}.jpg"), read_index_png(VOC / "SegmentationClass" / f"{name}.png")
+        q_rgb, q_gt = labelled(e["query"])
+        sup = [labelled(s) for s in e["supports"]]
+        pred = m.predict([episode_inputs(q_rgb, [(rgb, gt == e["class"]) for rgb, gt in sup], r)])[0].mask()
+        gt = F.interpolate(torch.from_numpy(q_gt.astype(np.float32))[None, None], size=(r, r), mode="nearest")[0, 0].numpy()
+        valid, fg = gt != 255, gt == e["class"]
+        want = [[int(np.sum(~pred & ~fg & valid)), int(np.sum(pred & fg & valid))],
+                [int(np.sum((~pred | ~fg) & valid)), int(np.sum((pred | fg) & valid))]]
+        assert json.loads((run / "areas" / f"{e['id']}.json").read_text())["model"] == want
 
 
 def test_segment_own_photos(ckpt, tmp_path):
@@ -106,6 +145,7 @@ def test_bad_input_exits_2_and_writes_nothing(ckpt, tmp_path):
     man = tmp_path / "m.jsonl"
     r = _run("episodes", "--benchmark", "pascal5i", "--fold", 4, "--data-root", VOC, "--lists", LISTS, "--out", man)
     assert r.exit_code == 2 and "unknown fold 4" in r.output
-    r = _run("episodes", "--benchmark", "coco20i", "--fold", 0, "--data-root", tmp_path, "--out", man)
+    (tmp_path / "coco").mkdir()
+    r = _run("episodes", "--benchmark", "coco20i", "--fold", 0, "--data-root", tmp_path / "coco", "--out", man)
     assert r.exit_code == 2 and "fold0.pkl" in r.output and "does not ship" in r.output
     assert not man.exists()

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 VOC = REPO / "samples" / "voc-mini" / "VOC2012"
 LISTS = REPO / "samples" / "fewshot-mini" / "pascal5i"
 FS = FewShotConfig(resolution=64, text_condition="padded")
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = TrainConfig(steps=6, grad_accum=1, lr=1e-4, max_shots=2, checkpoint_every=3, fewshot=FS)
 
 
@@ -96,3 +97,79 @@ def test_rerun_without_resume_is_refused(full_run, tiny_sd2_dir, data):
     out, _ = full_run
     with pytest.raises(ConfigMismatch, match="--resume"):
         train(str(tiny_sd2_dir), data, out, CONFIG, device="cpu", progress=False)
+
+
+# --- honest resume: a real process killed with SIGKILL, then resumed ----------------------
+
+def _cli_train(root, lists, model, out, *extra):
+    """`fewshot train` as CONFIG (same steps, lr, shots, checkpoints, resolution, seed)."""
+    return ["fewshot", "train", "--benchmark", "pascal5i", "--fold", "0", "--data-root", str(root),
+            "--lists", str(lists), "--model", str(model), "--out", str(out), "--steps", "6", "--grad-accum", "1",
+            "--lr", "1e-4", "--max-shots", "2", "--checkpoint-every", "3", "--resolution", "64",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {**load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")),
+            **{f"conv_in_ref.{k}": v for k, v in load_file(str(folder / "support_conv_in.safetensors")).items()}}
+
+
+def test_sigkill_then_resume_equals_uninterrupted_and_changed_inputs_are_refused(
+        full_run, tiny_sd2_dir, make_voc_tree, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from text2mask.cli import app
+
+    # a copy of the training data (fold 0 trains on the trn lists of folds 1..3)
+    ids = sorted({line.split("__")[0] for f in (1, 2, 3)
+                  for line in (LISTS / "trn" / f"fold{f}.txt").read_text().split()})
+    root = make_voc_tree(tmp_path / "VOC2012", ids)
+    shutil.copytree(LISTS, tmp_path / "lists")
+    out = tmp_path / "killed"
+    args = _cli_train(root, tmp_path / "lists", tiny_sd2_dir, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}        # as this module's one_thread
+    proc = subprocess.Popen([sys.executable, "-m", "text2mask", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=REPO, env=env)
+    while not (out / "checkpoint-3" / "step.json").is_file() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "fewshot.json").exists()                 # killed before the end
+    r = subprocess.run([sys.executable, "-m", "text2mask", *args, "--resume"], capture_output=True, text=True,
+                       cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr
+    # the same weights, bit for bit, as the uninterrupted in-process run (one process each)
+    whole, resumed = _weights(full_run[0]), _weights(out)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    runner = CliRunner()
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0 and "nothing to do" in r.output, r.output
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "pass --resume" in r.output, r.output
+    r = runner.invoke(app, [*_cli_train(root, tmp_path / "lists", tiny_sd2_dir, out, "--lr", "2e-4"), "--resume"])
+    assert r.exit_code == 2 and "--lr (0.0001 -> 0.0002)" in r.output, r.output
+    changed = tmp_path / "model"
+    shutil.copytree(tiny_sd2_dir, changed)
+    r = runner.invoke(app, [*_cli_train(root, tmp_path / "lists", changed, out), "--resume"])
+    assert r.exit_code == 0, r.output                          # a copy is the same model: its content is
+    (changed / "unet" / "config.json").write_text((changed / "unet" / "config.json").read_text() + "\n")
+    r = runner.invoke(app, [*_cli_train(root, tmp_path / "lists", changed, out), "--resume"])
+    assert r.exit_code == 2 and "the initial model (--model)" in r.output, r.output
+    mask = root / "SegmentationClass" / f"{ids[0]}.png"
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 2 and "the listed images or masks" in r.output, r.output
+    after = _weights(out)                                       # nothing rewritten
+    assert all(torch.equal(after[k], resumed[k]) for k in resumed)

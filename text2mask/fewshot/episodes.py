@@ -27,13 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..classes import load_class_set
-from ..errors import DatasetError, InputError
+from ..errors import ConfigError, DatasetError, InputError
+from ..guard import safe_name
 from ..io import read_image, read_index_png, write_text
 
 FOLDS = 4
@@ -338,6 +340,10 @@ def write_manifest(path: str | Path, manifest: Manifest) -> None:
 
 
 def read_manifest(path: str | Path) -> Manifest:
+    """The manifest at ``path``, schema-checked (exit 2 naming the file, the line and the
+    field): the header's protocol fields (``check_protocol``), then every episode's id (a
+    file name of the run folder: ``guard.safe_name``), class (a test class of the fold),
+    query and supports (``shots`` image names inside the data root, never the query)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -354,25 +360,83 @@ def read_manifest(path: str | Path) -> Manifest:
                 raise InputError(f"{path}:{n}: not JSON ({e})") from None
     if not rows or not isinstance(rows[0][1], dict) or not isinstance(rows[0][1].get("protocol"), dict):
         raise InputError(f"{path}: the first line must be the protocol header; not an episode manifest")
-    protocol = rows[0][1]["protocol"]
-    if protocol.get("manifest_version") != MANIFEST_VERSION or protocol.get("benchmark") not in BENCHMARKS:
-        raise InputError(f"{path}: unsupported manifest (version {protocol.get('manifest_version')!r}, "
-                         f"benchmark {protocol.get('benchmark')!r})")
+    protocol = check_protocol(rows[0][1]["protocol"], f"{path}:{rows[0][0]}")
     episodes, seen = [], set()
     for n, row in rows[1:]:
-        try:
-            e = Episode(str(row["id"]), int(row["class"]), str(row["query"]), tuple(str(s) for s in row["supports"]))
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}:{n}: expected {{id, class, query, supports}}, got {row!r}") from None
+        e = _episode(row, protocol, f"{path}:{n}")
         if e.id in seen:
             raise InputError(f"{path}:{n}: episode id {e.id!r} repeats")
-        if not e.supports or e.query in e.supports:
-            raise InputError(f"{path}:{n}: episode {e.id!r} needs supports other than its query")
         seen.add(e.id)
         episodes.append(e)
     if not episodes:
         raise InputError(f"{path}: the manifest lists no episodes")
+    if len(episodes) != protocol["count"]:
+        raise InputError(f"{path}: field 'count' of the protocol header is {protocol['count']} but the manifest "
+                         f"lists {len(episodes)} episodes (use --limit to evaluate fewer)")
     return Manifest(protocol, tuple(episodes))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _need(ok: bool, where: str, name: str, value, expected: str) -> None:
+    if not ok:
+        raise InputError(f"{where}: field {name!r} must be {expected}, got {value!r}")
+
+
+def check_protocol(protocol: dict, where: str) -> dict:
+    """A manifest's protocol header (also run.json's ``episodes``), field by field."""
+    p = protocol
+    for key in ("manifest_version", "benchmark", "fold", "shots", "count", "seed", "standard", "test_classes",
+                "data_root", "lists_sha256"):
+        if key not in p:
+            raise InputError(f"{where}: the protocol header lacks the field {key!r}")
+    _need(p["manifest_version"] == MANIFEST_VERSION and _is_int(p["manifest_version"]), where,
+          "manifest_version", p["manifest_version"], str(MANIFEST_VERSION))
+    _need(p["benchmark"] in BENCHMARKS, where, "benchmark", p["benchmark"], " or ".join(BENCHMARKS))
+    _need(_is_int(p["fold"]) and 0 <= p["fold"] < FOLDS, where, "fold", p["fold"], f"an integer 0..{FOLDS - 1}")
+    for key in ("shots", "count"):
+        _need(_is_int(p[key]) and p[key] >= 1, where, key, p[key], "an integer >= 1")
+    _need(_is_int(p["seed"]), where, "seed", p["seed"], "an integer")
+    _need(isinstance(p["standard"], bool), where, "standard", p["standard"], "true or false")
+    test = list(benchmark(p["benchmark"]).test_classes(p["fold"]))
+    _need(p["test_classes"] == test and all(_is_int(c) for c in p["test_classes"]), where, "test_classes",
+          p["test_classes"], f"{test} (the test classes of {p['benchmark']} fold {p['fold']})")
+    _need(isinstance(p["data_root"], str) and bool(p["data_root"]), where, "data_root", p["data_root"],
+          "the data root folder (a path)")
+    _need(isinstance(p["lists_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", p["lists_sha256"]) is not None,
+          where, "lists_sha256", p["lists_sha256"], "a sha256 hex digest")
+    return protocol
+
+
+def _image_name(value) -> bool:
+    """An image name as the lists hold it: a relative path inside the data root."""
+    if not isinstance(value, str) or not value or "\\" in value or "\x00" in value:
+        return False
+    parts = Path(value).parts
+    return not Path(value).is_absolute() and ".." not in parts
+
+
+def _episode(row, protocol: dict, where: str) -> Episode:
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an episode {{id, class, query, supports}}, got {row!r}")
+    for key in ("id", "class", "query", "supports"):
+        if key not in row:
+            raise InputError(f"{where}: the episode lacks the field {key!r}")
+    _need(isinstance(row["id"], str), where, "id", row["id"], "a string")
+    try:
+        safe_name(row["id"], "episode id")
+    except ConfigError as e:
+        raise InputError(f"{where}: {e}") from None
+    _need(_is_int(row["class"]) and row["class"] in protocol["test_classes"], where, "class", row["class"],
+          f"a test class of the fold {protocol['test_classes']}")
+    _need(_image_name(row["query"]), where, "query", row["query"], "an image name inside the data root")
+    sup = row["supports"]
+    _need(isinstance(sup, list) and len(sup) == protocol["shots"] and all(_image_name(s) for s in sup), where,
+          "supports", sup, f"a list of {protocol['shots']} image name(s) inside the data root (the header's shots)")
+    _need(row["query"] not in sup, where, "supports", sup, f"images other than the query {row['query']!r}")
+    return Episode(row["id"], row["class"], row["query"], tuple(sup))
 
 
 # --- reading an episode's files ---------------------------------------------------------

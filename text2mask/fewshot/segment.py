@@ -1,38 +1,25 @@
 """``text2mask fewshot segment``: one's own photos from examples. Supports are
 (photo, mask) pairs; every query gets an index PNG at its own size (0 background,
-1 the object shown by the supports) and, on request, a picture of the episode."""
+1 the object shown by the supports) and, on request, a picture of the episode.
+
+Support masks are read by the one binary-mask rule of every method
+(``io.read_binary_mask``): with ``cls``, the pixels of that index in an index PNG;
+else a mask with varying transparency marks its opaque pixels, a single-channel mask
+its non-zero pixels, an RGB picture the pixels whose brightest channel passes mid-grey.
+A mask is never composited on white."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from ..errors import InputError
-from ..io import read_image, write_index_png, write_png
+from ..guard import safe_name
+from ..io import read_binary_mask, read_image, write_index_png, write_png
+from .evaluate import RANDOM_BANNER
 from .model import DiffewS, check_support, episode_inputs
 from .visual import episode_strip
-
-
-def read_mask(path: str | Path, cls: int | None = None) -> np.ndarray:
-    """(H, W) bool object mask. A single-channel (index or grey) PNG: pixels equal to
-    ``cls`` when given, else every non-zero pixel; an RGB(A) picture: pixels brighter
-    than mid-grey (a white object on black)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            a = np.asarray(im)
-    except Exception as e:  # noqa: BLE001 - PIL raises several types on a bad file
-        raise InputError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
-    if mode in ("P", "L", "I", "I;16", "1"):
-        return a == cls if cls is not None else a != 0
-    if cls is not None:
-        raise InputError(f"{path}: --class needs a single-channel index mask, got mode {mode}")
-    return np.asarray(read_image(path), np.float32).mean(axis=2) > 127.5
 
 
 def parse_pair(text: str) -> tuple[Path, Path]:
@@ -43,22 +30,33 @@ def parse_pair(text: str) -> tuple[Path, Path]:
 
 
 def read_supports(pairs: Sequence[tuple[Path, Path]], cls: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every support photo and its mask; a mask of another size or without an object
+    pixel is refused (exit 2) before the model loads."""
     out = []
     for image, mask_path in pairs:
-        rgb, mask = read_image(image), read_mask(mask_path, cls)
+        rgb, mask = read_image(image), read_binary_mask(mask_path, cls)
         check_support(rgb, mask, f"{image} / {mask_path}")
         out.append((rgb, mask))
     return out
 
 
-def segment(model: DiffewS, supports: list[tuple[np.ndarray, np.ndarray]], queries: Sequence[Path], out: Path,
-            visualize: bool = False, batch_size: int = 1, log=print) -> list[Path]:
-    """Masks of ``queries`` into ``out/<stem>.png``; pictures into ``out/visual/``."""
-    stems = [Path(q).stem for q in queries]
+def output_names(queries: Sequence[Path]) -> list[str]:
+    """The file name (stem) each query's mask gets in the output folder: a safe name
+    (``guard.safe_name``), and no two queries alike (one would overwrite the other)."""
+    stems = [safe_name(Path(q).stem, "query file stem") for q in queries]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise InputError(f"queries share the file name(s) {', '.join(dup)}: their masks would overwrite each other")
+    return stems
+
+
+def segment(model: DiffewS, supports: list[tuple[np.ndarray, np.ndarray]], queries: Sequence[Path], out: Path,
+            visualize: bool = False, batch_size: int = 1, log=print) -> list[Path]:
+    """Masks of ``queries`` into ``out/<stem>.png``; pictures into ``out/visual/``."""
+    stems = output_names(queries)
     photos = [read_image(q) for q in queries]          # every input read before anything is written
+    random = bool(model.sd.info.get("random_weights"))
+    note = " (random weights: meaningless)" if random else ""
     written = []
     for start in range(0, len(photos), batch_size):
         chunk = photos[start:start + batch_size]
@@ -68,7 +66,8 @@ def segment(model: DiffewS, supports: list[tuple[np.ndarray, np.ndarray]], queri
             path = Path(out) / f"{stem}.png"
             write_index_png(path, mask.astype(np.uint8))
             if visualize:
-                write_png(Path(out) / "visual" / f"{stem}.png", episode_strip(supports, rgb, mask, None, "example"))
-            log(f"{path}: {int(mask.sum())} of {mask.size} pixels")
+                write_png(Path(out) / "visual" / f"{stem}.png",
+                          episode_strip(supports, rgb, mask, None, "example", banner=RANDOM_BANNER if random else None))
+            log(f"{path}: {int(mask.sum())} of {mask.size} pixels{note}")
             written.append(path)
     return written

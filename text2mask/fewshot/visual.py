@@ -20,17 +20,23 @@ def _panel(rgb: np.ndarray, mask: np.ndarray | None, height: int) -> Image.Image
 
 
 def episode_strip(supports: Sequence[tuple[np.ndarray, np.ndarray]], query: np.ndarray, prediction: np.ndarray,
-                  gt: np.ndarray | None, class_name: str, height: int = HEIGHT) -> Image.Image:
+                  gt: np.ndarray | None, class_name: str, height: int = HEIGHT,
+                  banner: str | None = None) -> Image.Image:
+    """The panels side by side; ``banner`` (e.g. the random-weights warning) is a line
+    across the whole picture under the titles."""
     panels = [(f"support {i + 1}: {class_name}", _panel(rgb, m, height)) for i, (rgb, m) in enumerate(supports)]
     panels.append(("query", _panel(query, None, height)))
     panels.append(("prediction", _panel(query, prediction, height)))
     if gt is not None:
         panels.append(("ground truth", _panel(query, gt, height)))
     width = sum(p.width for _, p in panels)
-    out = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
+    lines = 2 if banner else 1
+    out = Image.new("RGB", (width, height + lines * CAPTION_HEIGHT), "white")
     x = 0
     for title, p in panels:
         out.paste(p, (x, 0))
         out.paste(caption(title, p.width), (x, height))
         x += p.width
+    if banner:
+        out.paste(caption(banner, width), (0, height + CAPTION_HEIGHT))
     return out
