@@ -29,6 +29,10 @@ scaled_linear schedule) and measures, on real VOC photos, per padded size:
             attention maps and of the score maps, label agreement (kept only if faster
             with attention maps within 1e-5 relative of eager)
   memory    peak resident memory of the 1024-pixel case vs the model weights
+  fewshot   per-episode model cost of DiffewS (SD 2.1) and DiffSeg (Kandinsky 2.2 + SCM + PAM) at
+            full architecture, random weights on the meta device: TFLOP per 1- and 5-shot
+            episode at 512², DiffSeg's training step on cached features, parameter counts
+            (scripts/fewshot_cost.py; counted, not timed: no weights are built)
 
 Targets (issue 11): 1 sample <= 1.05 x truncated floor; 10 samples <= 1.05 x (VAE + 10-row
 truncated UNet); peak memory at 1024 px <= weights + 3 GB; model-side wait for the CRF
@@ -60,7 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VOC = ROOT / "samples" / "voc-mini" / "VOC2012"
-STEPS = ("memory", "floor", "pipeline", "ten", "runner", "crf", "dtype", "kernels")
+STEPS = ("memory", "floor", "pipeline", "ten", "runner", "crf", "dtype", "kernels", "fewshot")
 GB = 1e9
 RELATIVE_TOLERANCE = 1e-5          # a kernel is exact if its score maps are within this of eager
 TARGET_ONE, TARGET_TEN = 1.05, 1.05
@@ -937,6 +941,15 @@ class Bench:
                     sec, extra=f"crf {im['crf_agreement']:.4f}; max|dscore| {im['max_score_difference']:.1e}; "
                     + (f"s {name}/fp32: {stage}, crf {im['crf_seconds']:.2f}/{im['fp32_crf_seconds']:.2f}"
                        if v["mode"] == "native" else "time: not native on this CPU"))
+        fs = d.get("fewshot")
+        if fs:
+            for method in ("diffews", "diffseg"):
+                for k in (1, 5):
+                    c = fs[method][f"{k}-shot"]
+                    add(f"{method} {k}-shot episode at {fs['resolution']}² (TFLOP, meta)", c["total"],
+                        extra=", ".join(f"{a} {b:.2f}" for a, b in c.items() if a != "total"))
+            add("diffseg training step per episode (TFLOP, cached features)", fs["diffseg"]["train_step_per_episode"],
+                extra=f"UNet forward + up-path backward, SCM, PAM; batch {fs['diffseg']['train_batch']}")
         for name, k in d.get("kernels", {}).items():
             extra = (f"compile {k['compile_seconds']:.1f} s cold, break-even {_num(k['break_even_images'])} images; "
                      if name == "compile" else "")
@@ -946,8 +959,9 @@ class Bench:
                 f"{k['attention_relative_difference']:.1e}; score maps {k['score_relative_difference']:.1e}; "
                 f"labels agree {k['label_agreement']:.4f}")
         log("")
-        log(f"CPU: {d['machine']['cpu']['model']}; flags {' '.join(d['machine']['cpu']['flags'])}; "
-            f"torch threads {d['machine']['torch_threads']}")
+        if "machine" in d:                   # absent when only the meta-device fewshot step ran
+            log(f"CPU: {d['machine']['cpu']['model']}; flags {' '.join(d['machine']['cpu']['flags'])}; "
+                f"torch threads {d['machine']['torch_threads']}")
         log(f"{'step':58s} {'value':>9s} {'ratio':>7s} {'target':>14s} {'result':>6s}  notes")
         log("-" * 130)
         for step, value, ratio, target, ok, extra in rows:
@@ -1019,9 +1033,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     log(f"text2mask benchmark, steps {sorted(b.steps)}, load average {os.getloadavg()}")
     try:
-        b.build()
-        b.load_images()
         st = b.steps
+        if st - {"fewshot"}:                 # the SD v1 model and photos: every step but fewshot
+            b.build()
+            b.load_images()
         if "memory" in st and b.keys1024:
             b.step_memory()                  # the 1024 warm-up and the memory figure
         if {"floor", "pipeline"} & st:
@@ -1036,6 +1051,10 @@ def main(argv=None) -> int:
             b.step_dtype()
         if "kernels" in st:
             b.step_kernels()
+        if "fewshot" in st:
+            from fewshot_cost import episode_costs
+
+            b.doc["fewshot"] = episode_costs(log=log)
         b.doc["status"] = "complete"
     except BaseException as e:
         b.doc["status"] = f"failed: {type(e).__name__}: {e}"
