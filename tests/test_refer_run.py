@@ -16,6 +16,7 @@ from text2mask.personal import Concept, Query, ReferConfig, Referrer
 from text2mask.personal.run import refer_dataset
 from text2mask.runs import RunOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "refer-mini"
 CATS = SAMPLE / "images" / "COCO_val2014_000000039769.jpg"
 SIDE = 128   # small photos keep the tiny model fast
@@ -187,3 +188,74 @@ def test_cli_one_photo_and_refusals(tiny_model_dir, concepts_dir, tmp_path):
         written = [p for p in target.rglob("*") if p.is_file() and p.suffix in (".png", ".json", ".jsonl")] \
             if target.exists() else []
         assert written == [], written
+
+
+def _scores(out, image):
+    return json.loads((out / "scores" / f"{image}.json").read_text())
+
+
+def test_af_over_every_item_of_the_photo(referrer, concepts_dir, tmp_path):
+    """Issue 22 item 1: scoring `semantic`, t01 (semantic) shares its photo with t02
+    (visual): with --af-group photo (the default) t01's af is the Hungarian over both; with
+    --af-group split it is alone, af = bf by construction, and the run says so."""
+    from text2mask.personal.assign import assign_all
+
+    ds = load_refer_dataset(SAMPLE)
+    out, logs = tmp_path / "photo", []
+    refer_dataset(referrer, ds, "semantic", concepts_dir, RunOptions(out=out, workers=0, progress=False),
+                  log=logs.append)
+    s = _scores(out, "coco-39769")
+    (t01,) = s["triplets"]
+    assert t01["id"] == "t01" and t01["af_group"] == ["t01", "t02"]
+    c = {q["id"]: q["c"] for q in s["queries"]}
+    assert set(c) == {"t01", "t02"} and c["t01"] == t01["c"]
+    assert t01["af"] == assign_all(np.array([c["t01"], c["t02"]]))[0] + 1
+    assert not any("by construction" in m for m in logs)
+
+    out, logs = tmp_path / "split", []
+    refer_dataset(referrer, ds, "semantic", concepts_dir, RunOptions(out=out, workers=0, progress=False),
+                  log=logs.append, af_group="split")
+    for image in ("coco-39769", "coco-1000"):
+        (t,) = _scores(out, image)["triplets"]
+        assert t["af_group"] == [t["id"]] and t["af"] == t["bf"]
+    assert any("2 of 2 triplet(s) have af = bf by construction" in m for m in logs), logs
+
+
+def test_one_query_without_segments_chooses_k_by_the_eigengap(referrer, concepts_dir):
+    from text2mask.personal.refer import min_segments
+    from text2mask.personal.spectral import eigengap_segments
+
+    c = Concept.load(concepts_dir / "cat-left")
+    r = referrer(CATS, [Query(c, "the cat on the left")], class_name="cat")
+    from text2mask.io import read_image
+
+    z_t, _ = referrer.noised_latent(CATS.stem, read_image(CATS))
+    _, area, self_attn = referrer.object_area(z_t, "cat")
+    assert r.segments_from == "eigengap" and min_segments(1) == 2
+    assert r.num_segments == eigengap_segments(self_attn, area, 2) >= 2
+    assert referrer(CATS, [Query(c, "the cat on the left")], class_name="cat", segments=1).num_segments == 1
+
+
+def test_gt_masks_use_the_one_binary_reader(referrer, concepts_dir, tmp_path):
+    """An RGBA ground-truth mask (white everywhere, the item opaque) scores like its grey
+    original: the alpha marks the item (composited on white, every pixel was the item)."""
+    from PIL import Image
+
+    from text2mask.personal.run import ReferMethod, load_concepts, scene_items
+
+    ds = load_refer_dataset(SAMPLE)
+    out = tmp_path / "run"
+    refer_dataset(referrer, ds, "all", concepts_dir, RunOptions(out=out, workers=0, progress=False))
+    root = tmp_path / "rgba"
+    shutil.copytree(SAMPLE, root)
+    mask = root / "masks" / "coco-39769" / "cat-left.png"
+    item = np.asarray(Image.open(mask)) > 0
+    rgba = np.dstack([np.full(item.shape + (3,), 255, np.uint8), np.where(item, 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(mask)
+    rgba_ds = load_refer_dataset(root)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "scores.jsonl").unlink()
+    method = ReferMethod(referrer, rgba_ds, "all", load_concepts(concepts_dir, rgba_ds.concepts))
+    method.evaluate(copy, scene_items(rgba_ds, "all"), lambda m: None)
+    assert (copy / "scores.jsonl").read_text() == (out / "scores.jsonl").read_text()

@@ -155,3 +155,45 @@ def test_segments_equal_to_gt_masks_give_miou_equal_af_acc():
               iou_bf=iou(seg == bf + 1, gts[target]))
     r = m.compute()["all"]
     assert r["mIoU"] == pytest.approx(r["af_acc"]) and r["mIoU_bf"] == pytest.approx(r["bf_acc"])
+
+
+def test_eigengap_counts_the_blocks():
+    from text2mask.personal.spectral import eigengap, eigengap_segments
+
+    # two disconnected pairs: W has degrees 1, I - W has eigenvalues 0, 0, 2, 2 -> the gap is after 2
+    pairs = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=float)
+    assert eigengap(pairs, 1, 3) == 2
+    assert eigengap(pairs, 3, 3) == 3            # the range decides when it holds one K
+    s, _ = _block_affinity((5, 7, 9), off=0.01)
+    assert eigengap(0.5 * (s + s.T), 1) == 3
+    assert eigengap_segments(s, np.ones((3, 7), dtype=bool), 2) == 3
+    assert eigengap_segments(s, np.ones((3, 7), dtype=bool), 4) >= 4     # never fewer than k_min
+
+
+def test_af_of_a_group_is_its_own_hungarian():
+    from text2mask.personal.assign import assign_groups
+
+    c = np.array([[0.5, 0.4], [0.9, 0.1]])       # both queries prefer segment 0 alone (bf)
+    assert assign_groups(c, [0], [(0,)]).tolist() == [0]          # a group of one: af = bf
+    assert assign_groups(c, [0, 1], [(0, 1), (0, 1)]).tolist() == [1, 0]
+    assert assign_groups(c, [1], [(0, 1)]).tolist() == [0]
+
+
+def test_af_groups_hold_every_item_of_the_photo():
+    """Items A, B, C of one photo; t1 (A, semantic) and t2 (B, visual) use their own
+    concepts; t3 queries A with B's concept and t4 C with B's (variant)."""
+    from text2mask.data.personal import Triplet
+    from text2mask.personal.run import af_group_rows
+
+    t1 = Triplet("t1", "p", "A", "a mug", "A", ("semantic",))
+    t2 = Triplet("t2", "p", "B", "a mug", "B", ("visual",))
+    t3 = Triplet("t3", "p", "A", "a mug", "B")
+    t4 = Triplet("t4", "p", "C", "a mug", "B")
+    photo, items = [t1, t2, t3, t4], ["A", "B", "C"]
+    queries, rows, groups = af_group_rows(photo, [t1], items, "photo")
+    assert [t.id for t in queries] == ["t1", "t2", "t4"] and rows == (0,) and groups == ((0, 1, 2),)
+    queries, rows, groups = af_group_rows(photo, [t1], items, "split")
+    assert [t.id for t in queries] == ["t1"] and groups == ((0,),)
+    queries, rows, groups = af_group_rows(photo, [t3, t4], items, "photo")
+    assert [t.id for t in queries] == ["t1", "t2", "t3", "t4"] and rows == (2, 3)
+    assert groups == ((1, 2, 3), (0, 1, 3))     # each scored triplet with one triplet of each other item

@@ -13,16 +13,16 @@ tagged so; ``variant`` = concept != target.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
+from ..guard import safe_name
+from ..io import image_files, read_json
 from ..personal.query import class_match
-from ..io import read_json
 
 SPLITS = ("all", "semantic", "visual", "variant")
-_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+CONCEPT_PHOTOS = "concepts"
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,29 @@ class ReferDataset:
             raise DatasetError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return [t for t in self.triplets if t.in_split(name)]
 
+    def concept_class(self, concept: str) -> str:
+        entry = self.concepts[concept]
+        return str(entry.get("class", self.class_name)) if isinstance(entry, dict) else self.class_name
+
+    def concept_photos(self, concept: str) -> list[Path]:
+        """The training photos of ``concept``: ROOT/concepts/<concept>/*.jpg (DatasetError
+        when there are none)."""
+        folder = self.root / CONCEPT_PHOTOS / concept
+        photos = image_files(folder) if folder.is_dir() else []
+        if not photos:
+            raise DatasetError(f"{self.root / 'dataset.json'}: concept {concept!r} has no photos in {folder}")
+        return photos
+
 
 def _id(value, what: str, where: str) -> str:
-    if not isinstance(value, str) or not _SAFE_ID.fullmatch(value):
-        raise DatasetError(f"{where}: {what} {value!r} is not a usable id (letters, digits, _ . + = -; it names files)")
-    return value
+    """An id that names files (masks/<triplet>.png, <concepts>/<concept>/): through
+    ``guard.safe_name``, the one rule for names taken from data."""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: {what} {value!r} is not a string")
+    try:
+        return safe_name(value, what)
+    except ConfigError as e:
+        raise DatasetError(f"{where}: {e}") from None
 
 
 def _load_json(path: Path) -> dict:
@@ -85,15 +103,16 @@ def _images(root: Path, doc: dict, where: str) -> dict[str, SceneImage]:
     images = {}
     for image_id, entry in doc["images"].items():
         _id(image_id, "image id", where)
-        if not isinstance(entry, dict) or "file" not in entry or not entry.get("instances"):
-            raise DatasetError(f"{where}: image {image_id!r} needs 'file' and a non-empty 'instances'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+                or not isinstance(entry.get("instances"), dict) or not entry["instances"]:
+            raise DatasetError(f"{where}: image {image_id!r} needs a string 'file' and a non-empty object 'instances'")
         path = root / entry["file"]
         if not path.is_file():
             raise DatasetError(f"{where}: image {image_id!r}: {path} not found")
         instances = {}
         for inst, mask in entry["instances"].items():
             _id(inst, f"instance of image {image_id!r}", where)
-            if not (root / mask).is_file():
+            if not isinstance(mask, str) or not (root / mask).is_file():
                 raise DatasetError(f"{where}: image {image_id!r}, instance {inst!r}: mask {root / mask} not found")
             instances[inst] = root / mask
         images[image_id] = SceneImage(image_id, path, str(entry.get("scene", image_id)),
@@ -115,8 +134,8 @@ def _triplet(entry: dict, doc: dict, images: dict[str, SceneImage], where: str) 
     concept = entry.get("concept", entry["target"])
     if concept not in doc["concepts"]:
         raise DatasetError(f"{where}: triplet {tid!r}: unknown concept {concept!r}")
-    concept_class = doc["concepts"][concept].get("class", doc["class"]) if isinstance(doc["concepts"][concept], dict) \
-        else doc["class"]
+    concept_class = str(doc["concepts"][concept].get("class", doc["class"])) \
+        if isinstance(doc["concepts"][concept], dict) else doc["class"]
     if concept_class != image.class_name:
         raise DatasetError(f"{where}: triplet {tid!r}: concept {concept!r} is a {concept_class!r}, image "
                            f"{image.id!r} shows {image.class_name!r}")
@@ -133,6 +152,11 @@ def load_refer_dataset(root: str | Path) -> ReferDataset:
     root = Path(root)
     where = str(root / "dataset.json")
     doc = _load_json(root / "dataset.json")
+    for k, kind in (("concepts", dict), ("images", dict), ("triplets", list)):
+        if not isinstance(doc[k], kind):
+            raise DatasetError(f"{where}: field {k!r} must be a JSON {'object' if kind is dict else 'list'}")
+    if not isinstance(doc["class"], str) or not doc["class"].strip():
+        raise DatasetError(f"{where}: field 'class' must be a class word")
     for concept in doc["concepts"]:
         _id(concept, "concept id", where)
     images = _images(root, doc, where)

@@ -3,7 +3,8 @@
     c[i, s] = mean of A_i over the cells of segment s
     bf: item i alone,  s_i = argmax_s c[i, s]            (ties: lowest s)
     af: all items of a photo jointly, max Σ_i c[i, s_i] with distinct s_i (Hungarian);
-        queries beyond the number of segments keep their bf choice.
+        queries beyond the number of segments keep their bf choice. ``assign_groups``:
+        each scored query over its own group (the dataset run's --af-group).
 
 Segments are numbered 1..K on the grid; arrays here index them 0..K−1.
 """
@@ -45,3 +46,10 @@ def assign_all(c: np.ndarray) -> np.ndarray:
     rows, cols = linear_sum_assignment(c, maximize=True)
     out[rows] = cols
     return out
+
+
+def assign_groups(c: np.ndarray, rows, groups) -> np.ndarray:
+    """af of query ``rows[i]``: the Hungarian assignment over the rows of ``groups[i]``
+    (query indices into ``c``, holding ``rows[i]``). A group of one is bf by construction."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.array([assign_all(c[list(g)])[list(g).index(r)] for r, g in zip(rows, groups)], dtype=np.int64)

@@ -36,13 +36,16 @@ from pathlib import Path
 
 import torch
 
+from .. import guard
 from ..errors import InputError
+from ..guard import safe_name
 from ..io import write_json
 
 WEIGHTS_A = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
 DELTA_B = "delta.bin"
 EMBEDS_T = ("learned_embeds.safetensors", "learned_embeds.bin")
 CONCEPT_JSON = "concept.json"
+TOKEN_SEPARATOR = "#"   # folder#token: one concept of a multi-concept folder
 KV_PARAMS = ("to_k.weight", "to_v.weight")
 Q_OUT_PARAMS = ("to_q.weight", "to_out.0.weight", "to_out.0.bias")
 _A_SUFFIX = {"to_k_custom_diffusion.weight": "to_k.weight", "to_v_custom_diffusion.weight": "to_v.weight",
@@ -53,15 +56,46 @@ _COMPVIS_PREFIX = "model.diffusion_model."
 _COMPVIS_INPUT = {1: (0, 0), 2: (0, 1), 4: (1, 0), 5: (1, 1), 7: (2, 0), 8: (2, 1)}
 
 
+def _is_safetensors(path: Path) -> bool:
+    """By content, not suffix: diffusers' Custom Diffusion script has saved safetensors
+    token files under a ``.bin`` name. A safetensors file starts with an 8-byte header
+    length and a JSON object; torch.save files with a zip ("PK") or pickle (0x80) mark."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return path.suffix == ".safetensors"
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def _read(path: Path) -> dict:
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch / safetensors raise many types for a bad file
         raise InputError(f"{path}: cannot read concept file ({type(e).__name__}: {e})") from None
+
+
+def _read_info(path: Path) -> dict:
+    """concept.json (optional), schema-checked: an object; ``tokens`` a list of strings,
+    ``class`` a string when present."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    tokens = info.get("tokens")
+    if tokens is not None and not (isinstance(tokens, list) and tokens and all(isinstance(t, str) and t for t in tokens)):
+        raise InputError(f"{path}: field 'tokens' must be a non-empty list of token strings")
+    if "class" in info and not isinstance(info["class"], str):
+        raise InputError(f"{path}: field 'class' must be a string")
+    return info
 
 
 def compvis_to_diffusers(key: str) -> str:
@@ -90,23 +124,36 @@ def _attn2_param(key: str, where: Path) -> None:
                          f"{', '.join(KV_PARAMS + Q_OUT_PARAMS)})")
 
 
-def _tensor(value, key: str, where: Path) -> torch.Tensor:
+def _tensor(value, key: str, where: Path, ndim: int | None = None) -> torch.Tensor:
+    """``value`` as a checked tensor: floating point, ``ndim`` axes (when given), finite;
+    else exit 2 naming the file and the field."""
     if not isinstance(value, torch.Tensor):
         raise InputError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor"
                          + (" (low-rank compressed deltas are not supported: save the full delta)"
                             if isinstance(value, dict) else ""))
+    if not value.is_floating_point():
+        raise InputError(f"{where}: {key!r} holds {str(value.dtype).replace('torch.', '')} values, not floats")
+    if ndim is not None and value.ndim != ndim:
+        raise InputError(f"{where}: {key!r} has shape {tuple(value.shape)}, expected {ndim} axes")
+    if not torch.isfinite(value).all():
+        raise InputError(f"{where}: {key!r} holds non-finite values (NaN or inf)")
     return value
+
+
+def _weight(value, name: str, key: str, where: Path) -> torch.Tensor:
+    """An attn2 tensor: a bias (to_out.0.bias) has one axis, a weight two."""
+    return _tensor(value, key, where, 1 if name.endswith(".bias") else 2)
 
 
 def _token_rows(name: str, value, where: Path) -> tuple[list[str], torch.Tensor]:
     t = _tensor(value, name, where)
     rows = t.reshape(1, -1) if t.ndim == 1 else t
-    if rows.ndim != 2:
+    if rows.ndim != 2 or not rows.numel():
         raise InputError(f"{where}: embedding of {name!r} has shape {tuple(t.shape)}, expected (dim,) or (n, dim)")
     return [name] + [f"{name}_{i}" for i in range(1, len(rows))], rows
 
 
-def _load_a(folder: Path, weights: Path) -> tuple[dict, list[str], torch.Tensor]:
+def _load_a(folder: Path, weights: Path) -> tuple[dict, list[tuple[list[str], torch.Tensor]]]:
     attn2 = {}
     for key, value in _read(weights).items():
         if isinstance(value, dict) and not value and key.endswith("attn1.processor"):
@@ -116,42 +163,39 @@ def _load_a(folder: Path, weights: Path) -> tuple[dict, list[str], torch.Tensor]
             raise InputError(f"{weights}: unexpected key {key!r} (expected <processor>.to_k_custom_diffusion.weight, ...)")
         name = f"{prefix}.{_A_SUFFIX[suffix]}"
         _attn2_param(name, weights)
-        attn2[name] = _tensor(value, key, weights)
-    tokens, rows = [], []
+        attn2[name] = _weight(value, name, key, weights)
+    concepts = []
     for f in sorted(folder.iterdir()):
         if f.name in WEIGHTS_A or f.suffix not in (".safetensors", ".bin"):
             continue
         data = _read(f)
-        if list(data) != [f.stem]:
-            raise InputError(f"{f}: a token embedding file must hold exactly its token {f.stem!r}, found {list(data)}")
-        names, r = _token_rows(f.stem, data[f.stem], f)
-        tokens += names
-        rows.append(r)
-    if not tokens:
+        if not isinstance(data, dict) or list(data) != [f.stem]:
+            raise InputError(f"{f}: a token embedding file must hold exactly its token {f.stem!r}, found "
+                             f"{list(data) if isinstance(data, dict) else type(data).__name__}")
+        concepts.append(_token_rows(f.stem, data[f.stem], f))
+    if not concepts:
         raise InputError(f"{folder}: Custom Diffusion weights without a token embedding file (<token>.safetensors)")
-    return attn2, tokens, torch.cat(rows)
+    return attn2, concepts
 
 
-def _load_b(path: Path) -> tuple[dict, list[str], torch.Tensor]:
+def _load_b(path: Path) -> tuple[dict, list[tuple[list[str], torch.Tensor]]]:
     data = _read(path)
     if not isinstance(data, dict) or set(data) != {"unet", "modifier_token"}:
         raise InputError(f"{path}: expected a dict with keys 'unet' and 'modifier_token', "
                          f"found {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    if not isinstance(data["unet"], dict) or not isinstance(data["modifier_token"], dict):
+        raise InputError(f"{path}: 'unet' and 'modifier_token' must be dicts of tensors")
     attn2 = {}
     for key, value in data["unet"].items():
         _attn2_param(key, path)
-        attn2[key] = _tensor(value, key, path)
-    tokens, rows = [], []
-    for name, value in data["modifier_token"].items():
-        names, r = _token_rows(name, value, path)
-        tokens += names
-        rows.append(r)
-    if not tokens:
+        attn2[key] = _weight(value, key, key, path)
+    concepts = [_token_rows(name, value, path) for name, value in data["modifier_token"].items()]
+    if not concepts:
         raise InputError(f"{path}: 'modifier_token' is empty")
-    return attn2, tokens, torch.cat(rows)
+    return attn2, concepts
 
 
-def _load_c(path: Path, tokens: list[str] | None) -> tuple[dict, list[str], torch.Tensor]:
+def _load_c(path: Path, tokens: list[str] | None) -> tuple[dict, list[tuple[list[str], torch.Tensor]]]:
     data = _read(path)
     state = data.get("state_dict") if isinstance(data, dict) else None
     if not isinstance(state, dict) or "embed" not in state:
@@ -167,23 +211,25 @@ def _load_c(path: Path, tokens: list[str] | None) -> tuple[dict, list[str], torc
         except KeyError:
             raise InputError(f"{path}: {key!r} is not the cross-attention of an SD v1 transformer block") from None
         _attn2_param(name, path)
-        attn2[name] = _tensor(value, key, path)
+        attn2[name] = _weight(value, name, key, path)
     embed = _tensor(state["embed"], "embed", path)
     embed = embed.reshape(1, -1) if embed.ndim == 1 else embed
+    if embed.ndim != 2:
+        raise InputError(f"{path}: 'embed' has shape {tuple(embed.shape)}, expected (n, dim)")
     names = tokens or [f"<new{i}>" for i in range(1, len(embed) + 1)]
     if len(names) != len(embed):
         raise InputError(f"{path}: 'embed' has {len(embed)} rows but {CONCEPT_JSON} names {len(names)} tokens")
-    return attn2, names, embed
+    # one row per modifier token: CompVis' multi-concept training (<new1>+<new2>) keeps them in one tensor
+    return attn2, [([name], embed[i:i + 1]) for i, name in enumerate(names)]
 
 
-def _load_t(path: Path) -> tuple[dict, list[str], torch.Tensor]:
+def _load_t(path: Path) -> tuple[dict, list[tuple[list[str], torch.Tensor]]]:
     data = _read(path)
     if not isinstance(data, dict) or len(data) != 1:
         raise InputError(f"{path}: a textual inversion file holds one {{token: embedding}}, found "
                          f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
     (name, value), = data.items()
-    tokens, rows = _token_rows(name, value, path)
-    return {}, tokens, rows
+    return {}, [_token_rows(name, value, path)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,37 +262,59 @@ class Concept:
         return h.hexdigest()
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Concept":
+    def load_all(cls, folder: str | Path) -> list["Concept"]:
+        """Every concept of ``folder``: one, or for a multi-concept Custom Diffusion folder
+        (diffusers' ``--modifier_token "<new1>+<new2>"``: one weights file and one
+        ``<token>.safetensors`` per token; ``delta.bin`` with several modifier tokens; a
+        CompVis ``embed`` of several rows) one per token, sharing the K/V trained jointly.
+        Every tensor is checked on load: floats, shapes, finite values."""
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"{folder}: concept folder not found")
-        info = {}
-        if (folder / CONCEPT_JSON).is_file():
-            try:
-                info = json.loads((folder / CONCEPT_JSON).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise InputError(f"{folder / CONCEPT_JSON}: cannot read ({e})") from None
+        info = _read_info(folder / CONCEPT_JSON)
         a = [folder / n for n in WEIGHTS_A if (folder / n).is_file()]
         c = sorted(folder.glob("delta*.ckpt"))
         t = [folder / n for n in EMBEDS_T if (folder / n).is_file()]
         if a:
-            attn2, tokens, rows = _load_a(folder, a[0])
-            source = a[0].name
+            (attn2, found), source = _load_a(folder, a[0]), a[0].name
         elif (folder / DELTA_B).is_file():
-            attn2, tokens, rows = _load_b(folder / DELTA_B)
-            source = DELTA_B
+            (attn2, found), source = _load_b(folder / DELTA_B), DELTA_B
         elif c:
-            attn2, tokens, rows = _load_c(c[-1], info.get("tokens"))
-            source = c[-1].name
+            (attn2, found), source = _load_c(c[-1], info.get("tokens")), c[-1].name
         elif t:
-            attn2, tokens, rows = _load_t(t[0])
-            source = t[0].name
+            (attn2, found), source = _load_t(t[0]), t[0].name
         else:
             raise InputError(f"{folder}: no concept weights found (expected {WEIGHTS_A[0]} with <token>.safetensors, "
                              f"{DELTA_B}, delta*.ckpt, or {EMBEDS_T[0]})")
+        tokens = [tok for names, _ in found for tok in names]
         if len(set(tokens)) != len(tokens):
             raise InputError(f"{folder}: token names repeat: {tokens}")
-        return cls(folder.name, tuple(tokens), rows, attn2, source, info)
+        if len(found) == 1:
+            names, rows = found[0]
+            return [cls(folder.name, tuple(names), rows, attn2, source, info)]
+        return [cls(f"{folder.name}{TOKEN_SEPARATOR}{names[0]}", tuple(names), rows, attn2, source, info)
+                for names, rows in found]
+
+    @classmethod
+    def load(cls, folder: str | Path, token: str | None = None) -> "Concept":
+        """The concept of ``folder``; in a multi-concept folder the one of ``token`` (also
+        written ``folder#token``, the command line's form)."""
+        folder = Path(folder)
+        if token is None and not folder.exists() and TOKEN_SEPARATOR in folder.name:
+            name, _, token = folder.name.rpartition(TOKEN_SEPARATOR)
+            folder = folder.with_name(name)
+        concepts = cls.load_all(folder)
+        if token is not None:
+            hit = [c for c in concepts if c.tokens[0] == token]
+            if not hit:
+                raise InputError(f"{folder}: no concept with token {token!r} (it holds "
+                                 f"{', '.join(c.tokens[0] for c in concepts)})")
+            return hit[0]
+        if len(concepts) > 1:
+            tokens = [c.tokens[0] for c in concepts]
+            raise InputError(f"{folder}: holds {len(concepts)} concepts trained together ({', '.join(tokens)}); "
+                             f"choose one: {folder}{TOKEN_SEPARATOR}{tokens[0]}")
+        return concepts[0]
 
     # -- checks and application ---------------------------------------------------------
     def check(self, sd) -> None:
@@ -313,6 +381,21 @@ def add_tokens(sd, tokens) -> list[int]:
     return sd.tokenizer.convert_tokens_to_ids(list(tokens))
 
 
+def check_replaceable(folder: str | Path, what: str = "concept folder") -> None:
+    """A concept is written by replacing its folder as a whole: the folder must be new,
+    empty, or an earlier concept (it holds concept.json or concept weights); any other
+    folder (photos, a home directory) is refused, never deleted."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InputError(f"{what} {folder} is an existing file, not a folder")
+    names = {p.name for p in folder.iterdir()}
+    if names and not names & {CONCEPT_JSON, DELTA_B, *WEIGHTS_A, *EMBEDS_T}:
+        raise InputError(f"{what} {folder} holds other files ({', '.join(sorted(names)[:3])}...) and is not a concept; "
+                         "a concept folder is replaced as a whole, so give a new or empty folder")
+
+
 def save_concept(folder: str | Path, tokens, embeddings: torch.Tensor, attn2: dict[str, torch.Tensor],
                  info: dict) -> Path:
     """Write format A (safetensors, the key names diffusers' ``save_attn_procs`` uses) plus
@@ -322,6 +405,12 @@ def save_concept(folder: str | Path, tokens, embeddings: torch.Tensor, attn2: di
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    harm = guard.protected(folder)
+    if harm:  # replacing the folder as a whole must never remove an input (text2mask.guard, rule 1)
+        raise InputError(f"refusing to write the concept {folder}: {harm}")
+    for token in tokens:
+        safe_name(token, "concept token")
+    check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     to_a = {v: k for k, v in _A_SUFFIX.items()}
     weights = {}

@@ -8,7 +8,8 @@ Per scene photo (all passes share one noised latent z_t, drawn from the photo's 
        the class tokens; F = cells where SC > (τ − SC)^p  (τ 1, p 2: SC > 0.382)
     3. instance maps: per query, its concept applied, prompt = text with "<class>" ->
        "<token> <class>"; A_i = normalized SelfCross over the chosen span
-    4. segments: normalized cuts of the base pass's Self restricted to F (``spectral``)
+    4. segments: normalized cuts of the base pass's Self restricted to F (``spectral``);
+       K given (the photo's items), else chosen by the eigengap, K >= max(2, queries)
     5. c[i, s] = mean of A_i over segment s
     6. bf (each item alone) and af (Hungarian over the photo's queries) (``assign``)
     7. masks: the assigned segment, upsampled like WSSS labels (nearest, crop, nearest)
@@ -39,6 +40,13 @@ from .concept import Concept, add_tokens
 from .query import SPAN_MODES, QueryPrompt, area_prompt, compose_query, subject_text, without_token
 
 QUERY_MODES = ("full", "subject", "context")
+
+
+def min_segments(queries: int) -> int:
+    """The fewest segments the eigengap may choose: one per query, and at least 2 (the
+    task is a photo of look-alikes; one segment would be the whole object area — give
+    ``segments=1`` for a photo of one item)."""
+    return max(2, queries)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class ReferResult:
     correlation: np.ndarray         # (Q, K) c[i, s]
     bf: np.ndarray                  # (Q,) 1..K
     af: np.ndarray                  # (Q,) 1..K
+    segments_from: str = "given"    # given | eigengap (K chosen from the attention)
 
     @property
     def num_segments(self) -> int:
@@ -196,15 +205,16 @@ class Referrer:
               segments: int | None = None) -> ReferResult:
         if not queries:
             raise InputError(f"{key}: no queries")
-        k = segments or len(queries)
         z_t, geo = self.noised_latent(key, rgb)
         sc, area, self_attn = self.object_area(z_t, class_name)
         a, prompts = self.instance_maps(z_t, queries, class_name)
+        k = segments or spectral.eigengap_segments(self_attn, area, min_segments(len(queries)))
         grid = spectral.segment(self_attn, area, k, seed=image_seed(self.config.seed, key))
         c = assign.correlation(a, grid, k)
         segments_image = P.labels_to_image(torch.from_numpy(np.asarray(grid)), geo)
         return ReferResult(key, class_name, prompts, sc, area, a, grid, segments_image, c,
-                           assign.best_first(c) + 1, assign.assign_all(c) + 1)
+                           assign.best_first(c) + 1, assign.assign_all(c) + 1,
+                           "given" if segments else "eigengap")
 
     def __call__(self, image: str | Path | Image.Image | np.ndarray, queries: Sequence[Query], class_name: str,
                  segments: int | None = None, key: str | None = None) -> ReferResult:

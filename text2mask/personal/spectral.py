@@ -7,6 +7,10 @@
 
 Segments are labelled 1..K in the raster order of their centroids (0 = outside F).
 K = 1 makes F one segment; when F has fewer than K cells the whole grid is clustered.
+
+K when nobody says it (``eigengap_segments``, ours; von Luxburg's rule for normalized
+spectral clustering): with λ₁ ≤ λ₂ ≤ … the eigenvalues of I − D^-½ W D^-½ on F,
+K = the k in [k_min, k_max] with the largest gap λ_{k+1} − λ_k (ties: the smaller k).
 Pure numpy (float64); nothing here knows about the model.
 """
 from __future__ import annotations
@@ -15,19 +19,50 @@ import numpy as np
 
 KMEANS_RESTARTS = 10
 KMEANS_ITERATIONS = 300
+MAX_AUTO_SEGMENTS = 8      # eigengap search bound (Mug19 scenes hold 3-5 items)
 
 
-def spectral_embedding(affinity: np.ndarray, k: int) -> np.ndarray:
-    """(n, k − 1) embedding v₂…v_K of the generalized problem (D − W) v = λ D v for a
-    symmetric non-negative affinity W (n, n) with positive degrees."""
+def _eigh(affinity: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ascending eigenvalues λ, eigenvectors u of I − D^-½ W D^-½, D^-½)."""
     w = np.asarray(affinity, dtype=np.float64)
     d = w.sum(axis=1)
     if (d <= 0).any():
         raise ValueError("normalized cut needs every cell to have a positive degree")
     d_inv_sqrt = 1.0 / np.sqrt(d)
     laplacian = np.eye(len(w)) - d_inv_sqrt[:, None] * w * d_inv_sqrt[None, :]
-    _, u = np.linalg.eigh(laplacian)   # ascending eigenvalues
+    lam, u = np.linalg.eigh(laplacian)
+    return lam, u, d_inv_sqrt
+
+
+def spectral_embedding(affinity: np.ndarray, k: int) -> np.ndarray:
+    """(n, k − 1) embedding v₂…v_K of the generalized problem (D − W) v = λ D v for a
+    symmetric non-negative affinity W (n, n) with positive degrees."""
+    _, u, d_inv_sqrt = _eigh(affinity)
     return (d_inv_sqrt[:, None] * u)[:, 1:k]
+
+
+def eigengap(affinity: np.ndarray, k_min: int, k_max: int = MAX_AUTO_SEGMENTS) -> int:
+    """K in [k_min, k_max] (k_max capped at n − 1) with the largest λ_{K+1} − λ_K of the
+    normalized Laplacian of W; k_min when the range is empty."""
+    lam, _, _ = _eigh(affinity)
+    k_max = min(k_max, len(lam) - 1)
+    if k_max <= k_min:
+        return k_min
+    ks = np.arange(k_min, k_max + 1)
+    gaps = lam[ks] - lam[ks - 1]            # λ_{k+1} − λ_k with 1-based λ
+    return int(ks[int(np.argmax(gaps))])    # argmax: the first (smallest k) among ties
+
+
+def _area_cells(area: np.ndarray, k: int) -> np.ndarray:
+    cells = np.flatnonzero(np.asarray(area, dtype=bool).ravel())
+    return cells if len(cells) >= k else np.arange(area.size)   # F too small: the whole grid
+
+
+def eigengap_segments(self_attn: np.ndarray, area: np.ndarray, k_min: int, k_max: int = MAX_AUTO_SEGMENTS) -> int:
+    """K for ``segment`` chosen from the attention: ``eigengap`` of ½(Self + Selfᵀ) on F."""
+    cells = _area_cells(area, k_min)
+    s = np.asarray(self_attn, dtype=np.float64)[np.ix_(cells, cells)]
+    return eigengap(0.5 * (s + s.T), k_min, k_max)
 
 
 def _kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -98,9 +133,7 @@ def segment(self_attn: np.ndarray, area: np.ndarray, k: int, seed: int = 0) -> n
     h, w = area.shape
     if k < 1:
         raise ValueError(f"need at least one segment, got K = {k}")
-    cells = np.flatnonzero(area.ravel())
-    if len(cells) < k:   # F too small for K segments: the whole grid is clustered
-        cells = np.arange(h * w)
+    cells = _area_cells(area, k)
     out = np.zeros(h * w, dtype=np.int64)
     if k == 1:
         out[cells] = 1

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
-from ..io import read_image, write_png
+from ..io import read_image, read_index_png, write_png
 from ..log import get
 from ..visualize import FONT, LINE, PAD, PALETTE, text_width, legend, overlay, read_run_json
 
@@ -100,7 +100,7 @@ def visualize_refer_run(run_dir: str | os.PathLike, n: int = 16, out: str | os.P
         if key not in dataset.images or not seg_path.is_file():
             log.warning(f"{key}: no photo or segments; skipped")
             continue
-        segments = np.asarray(Image.open(seg_path))
+        segments = read_index_png(seg_path)
         rows = scores["triplets"]
         c = np.array([r["c"] for r in rows], dtype=np.float64)
         pic = refer_picture(read_image(dataset.images[key].path), segments, [r["af"] for r in rows],
