@@ -142,3 +142,10 @@ def test_killed_training_resumes_to_the_same_losses(trained, tiny_dir, tmp_path)
     assert json.loads((out / "losses.json").read_text()) == json.loads((trained / "losses.json").read_text())
     for name in ("scm.safetensors", "pam.safetensors"):
         assert (out / name).read_bytes() == (trained / name).read_bytes()
+
+
+def test_a_diverging_training_exits_1_and_writes_no_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "nan"
+    r = _run(*_train_args(tiny_dir, out)[:-2], "--epochs", 1, "--lr", 1e12, "--out", out)
+    assert r.exit_code == 1 and "lower --lr" in r.output and "Nothing was written" in r.output, r.output
+    assert not (out / "fewshot.json").exists() and not list(out.glob("*.safetensors"))
