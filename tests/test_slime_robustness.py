@@ -121,6 +121,9 @@ def test_import_refuses_an_out_inside_the_official_folder(tmp_path):
     torch.save(torch.zeros(1, 1, 32), folder / "embedding_0.pth")
     one_error(invoke("slime", "import", folder, "--out", folder / "x.slime", "--model", NO_MODEL),
               "lies inside the official checkpoint folder")
+    (folder / "embedding_0.pth").rename(folder / "embedding_1.pth")
+    one_error(invoke("slime", "import", folder, "--out", tmp_path / "x.slime", "--model", NO_MODEL),
+              "embedding_0.pth is missing")
 
 
 # -- 2. names from data ------------------------------------------------------------------
@@ -224,6 +227,12 @@ def test_fit_outputs_are_checked_before_the_model(tmp_path):
     assert existing.read_bytes() == b"an earlier fit"
     # /proc cannot hold new folders, even for root (chmod would not stop root)
     one_error(fit(Path("/proc/text2mask-test/p.slime")), "not writable")
+
+
+def test_segment_declares_the_model_recorded_in_the_parts_file(fitted, tiny_model_dir, tmp_path):
+    """Without --model, segment loads the fit's local model folder: an input too."""
+    one_error(invoke("slime", "segment", CAR, "--parts", fitted, "--out", Path(tiny_model_dir) / "seg"),
+              "lies inside the --model model")
 
 
 def test_segment_options_are_checked_before_the_model(fitted, tmp_path):

@@ -108,7 +108,6 @@ def fit(
     from ..io import write_json
     from ..slime import FitSettings, SegmentSettings, Slime
     from ..slime.examples import pair_folder, parse_classes, read_example, read_examples
-    from ..slime.fit import history_document
     from ..slime.presets import resolve
 
     names = parse_classes(classes)
@@ -200,14 +199,14 @@ def segment(
 
     items = photos(images)
     p_in = Path(parts)
+    p = load_parts(p_in)
     guard = Guard()
     guard.inputs(images, "photo")
     guard.input(p_in, "parts file")
     guard.input(gt, "ground-truth folder")
-    _declare_model(guard, model, config, original_config)
+    _declare_model(guard, model or p.model["id"], config, original_config)
     guard.output_folder(out)
     guard.check()
-    p = load_parts(p_in)
     fitted = p.segment_settings()
     given = resolve({"tiles": tiles, "tile_size": tile_size}, preset.value if preset else None, SEGMENT_KEYS,
                     canvas=fitted.canvas)
@@ -241,12 +240,11 @@ def import_(
     """Convert an official SLiMe embedding folder into a parts file."""
     from ..slime.artifact import save_parts
     from ..slime.examples import parse_classes
-    from ..slime.official import import_official
+    from ..slime.official import embedding_files, import_official
 
     if classes is not None:
         parse_classes(classes)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (an official checkpoint folder holds embedding_0.pth, ...)")
+    embedding_files(folder)     # listed and checked before the model loads
     guard = Guard()
     guard.input(folder, "official checkpoint folder")
     _declare_model(guard, model, config, original_config)

@@ -15,6 +15,21 @@ from .fit import initial_prompts, splice
 from .segment import SegmentSettings
 
 
+def embedding_files(folder: str | os.PathLike) -> dict[int, Path]:
+    """{i: embedding_i.pth} of an official checkpoint folder, i = 0..n-1 without gaps."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (an official checkpoint folder holds embedding_0.pth, ...)")
+    found = {int(p.stem.split("_", 1)[1]): p for p in folder.glob("embedding_*.pth")
+             if p.stem.split("_", 1)[1].isdigit()}
+    if not found:
+        raise InputError(f"{folder}: no embedding_0.pth, embedding_1.pth, ... (official SLiMe checkpoint)")
+    if sorted(found) != list(range(len(found))):
+        missing = sorted(set(range(max(found) + 1)) - set(found))
+        raise InputError(f"{folder}: embedding_{missing[0]}.pth is missing (found {len(found)} files)")
+    return found
+
+
 def import_official(folder: str | os.PathLike, sd, classes: str | None = None,
                     init_prompt: str | None = None, bgr: bool = False) -> SlimeParts:
     """Parts from an official checkpoint folder: ``embedding_i.pth`` (i = 0..K-2), each
@@ -23,15 +38,7 @@ def import_official(folder: str | os.PathLike, sd, classes: str | None = None,
     photo's channels as B, G, R by default (embeddings trained with the official HEAD,
     which reads photos with ``cv2.imread``; for the released embeddings it is unknown)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder")
-    found = {int(p.stem.split("_", 1)[1]): p for p in folder.glob("embedding_*.pth")
-             if p.stem.split("_", 1)[1].isdigit()}
-    if not found:
-        raise InputError(f"{folder}: no embedding_0.pth, embedding_1.pth, ... (official SLiMe checkpoint)")
-    if sorted(found) != list(range(len(found))):
-        missing = sorted(set(range(max(found) + 1)) - set(found))
-        raise InputError(f"{folder}: embedding_{missing[0]}.pth is missing (found {len(found)} files)")
+    found = embedding_files(folder)
     k = len(found) + 1
     names = parse_classes(classes) if classes else ["background"] + [f"part{i}" for i in range(1, k)]
     if len(names) != k:
