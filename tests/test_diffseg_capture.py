@@ -169,3 +169,14 @@ def test_layout_check_names_what_it_found(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no unet/, movq/, scheduler/"):
         kandinsky.load(str(tmp_path / "empty"), device="cpu")
+
+
+def test_hub_ids_offline_fail_with_a_message(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))            # an empty cache
+    with pytest.raises(ModelLoadError, match="(?s)HF_HUB_OFFLINE.*hf download"):
+        kandinsky.load(kandinsky.DECODER_ID, device="cpu")
+    with pytest.raises(ModelLoadError, match="not a hub id"):
+        kandinsky.load("no such folder, not an id", device="cpu")

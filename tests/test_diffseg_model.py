@@ -3,7 +3,6 @@ SCM's zero start and its reach, shots, order and batching, one episode overfitti
 the checkpoint round trip. The masks are MEANINGLESS; the mechanics are what is tested."""
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ import torch
 from text2mask.errors import ModelLoadError
 from text2mask.fewshot.diffseg.checkpoint import checkpoint_info, load_diffseg, save_diffseg
 from text2mask.fewshot.diffseg.edges import EdgeDetector
-from text2mask.fewshot.diffseg.model import DiffSeg, DiffSegConfig, DiffSegHeads, Features
-from text2mask.fewshot.model import EpisodeInputs, episode_inputs
+from text2mask.fewshot.diffseg.model import DiffSeg, DiffSegConfig, DiffSegHeads
+from text2mask.fewshot.model import episode_inputs
 from text2mask.modeling import kandinsky
 from text2mask.modeling.added_kv import AddedKVCapture
 from tiny_kandinsky import RESOLUTION, make_tiny_kandinsky, perturb

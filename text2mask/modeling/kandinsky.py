@@ -48,7 +48,7 @@ PRIOR_PARTS = ("image_encoder", "image_processor")
 LAYOUT = ("Kandinsky 2.2 decoder: UNet with encoder_hid_dim_type 'image_proj' and addition_embed_type 'image', "
           "every attention an added-KV layer (22 in the real model); MoVQ (VQModel, spatial norm); the 2.2 "
           "prior's CLIPVisionModelWithProjection whose projection_dim equals the UNet's encoder_hid_dim")
-_HOW_TO = (f"Pass --init/--model with a Kandinsky 2.2 decoder hub id ({DECODER_ID}) and, if needed, --prior "
+_HOW_TO = (f"Pass --model with a Kandinsky 2.2 decoder hub id ({DECODER_ID}) and, if needed, --prior "
            f"({PRIOR_ID}); or a local folder with decoder/{{unet,movq,scheduler}} and "
            "prior/{image_encoder,image_processor} (e.g. downloaded on a connected machine with "
            f"`hf download {DECODER_ID} --local-dir DIR/decoder` and `hf download {PRIOR_ID} --include "
