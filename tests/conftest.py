@@ -40,6 +40,24 @@ def sd2(tiny_sd2_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL-base-layout model (tiny_models.make_tiny_sdxl_model) in diffusers
+    format, built once per session."""
+    from tiny_models import make_tiny_sdxl_model
+
+    return make_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny_sdxl_dir):
+    """The tiny SDXL model loaded through text2mask's own loader (CPU, float32)."""
+    from text2mask.modeling.families import WSSS_FAMILIES
+    from text2mask.modeling.loading import load
+
+    return load(str(tiny_sdxl_dir), device="cpu", dtype="fp32", families=WSSS_FAMILIES)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     """The real SD v1 CLIP BPE tokenizer saved with the tiny model."""
     from transformers import CLIPTokenizer

@@ -15,6 +15,16 @@ real 49,408-entry vocabulary); only the channel widths shrink.
 
 ``ldm_checkpoint`` writes a tiny SD1 folder as one single-file checkpoint in the original
 (CompVis ldm) key layout, the format of ``sd-v1-4.ckpt``.
+
+- ``make_tiny_sdxl_model``: SDXL base's layout scaled down: 3 levels
+  (DownBlock2D, then two cross-attention levels at latent/2 and /4: 11 transformer blocks),
+  transformer depth 2 at /2 and 3 at /4 (SDXL: 2 and 10), linear projections, head counts
+  per level, the "text_time" added conditioning (6 time ids + the pooled embedding), two
+  text encoders (OpenAI-CLIP CLIPTextModel, OpenCLIP-style CLIPTextModelWithProjection)
+  whose token states concatenate into the cross-attention width, both tokenizers with the
+  real CLIP BPE (``tokenizer`` pads with the end-of-text token, ``tokenizer_2`` with "!"),
+  and SDXL's Euler scheduler config. ``write_sgm_checkpoint`` writes it as one single file
+  in Stability's layout (``sd_xl_base_1.0.safetensors``).
 """
 from __future__ import annotations
 
@@ -155,7 +165,7 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, family: str = "sd
     return out_dir
 
 
-def _vae():
+def _vae(scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -168,7 +178,7 @@ def _vae():
         latent_channels=4,
         norm_num_groups=8,
         sample_size=512,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -250,6 +260,145 @@ def _scheduler(prediction_type: str):
         clip_sample=False,
         prediction_type=prediction_type,
     )
+
+
+# -- SDXL ---------------------------------------------------------------------------------
+
+# Per level of the tiny SDXL UNet (SDXL base: heads 5/10/20 of width 64, depth 1/2/10; the
+# first level has no attention): 2 heads of 16 at latent/2, 4 of 8 at /4; depth 2 and 3.
+SDXL_HEADS = (1, 2, 4)
+SDXL_DEPTH = (1, 2, 3)
+SDXL_TEXT_WIDTHS = (32, 48)   # CLIP ViT-L and OpenCLIP bigG stand-ins (SDXL: 768, 1280)
+SDXL_POOLED = 16              # text_encoder_2's projection (SDXL: 1280)
+SDXL_TIME_EMBED = 8           # per time id (SDXL: 256)
+
+
+def _sdxl_modules():
+    """UNet, VAE, both text encoders of the tiny SDXL layout (construction order fixes the bytes)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        norm_num_groups=8,
+        attention_head_dim=SDXL_HEADS,
+        transformer_layers_per_block=SDXL_DEPTH,
+        use_linear_projection=True,
+        cross_attention_dim=sum(SDXL_TEXT_WIDTHS),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + SDXL_POOLED,
+    )
+    vae = _vae(scaling_factor=0.13025)
+    # The ids of SDXL's text_encoder/ and text_encoder_2/ configs (the placeholders 0/2/1;
+    # the tokenizers hold the real ones, and the pooled output takes the argmax id = end of text).
+    ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=_VOCAB_SIZE, hidden_size=SDXL_TEXT_WIDTHS[0], intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=_MAX_LENGTH, hidden_act="quick_gelu", **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=_VOCAB_SIZE, hidden_size=SDXL_TEXT_WIDTHS[1], intermediate_size=53, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=_MAX_LENGTH, hidden_act="gelu",
+        projection_dim=SDXL_POOLED, **ids))
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def make_tiny_sdxl_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny random SDXL-base-layout model in diffusers format to `out_dir`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae, text_encoder, text_encoder_2 = _sdxl_modules()
+    # SDXL base's scheduler/scheduler_config.json
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon", interpolation_type="linear")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=build_clip_tokenizer(out_dir / "tokenizer", _EOS),
+        tokenizer_2=build_clip_tokenizer(out_dir / "tokenizer_2", "!"),
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
+        "Randomly initialised tiny SDXL-layout model for tests and offline smoke runs.\n"
+        "Masks made with it are meaningless.\n")
+    return out_dir
+
+
+# Stability's sgm names (sd_xl_base_1.0.safetensors) of the UNet's added embedding and of the
+# OpenCLIP text tower; the first text encoder keeps transformers' names under embedders.0.
+_SGM_UNET_TOP = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_SGM_CLIP_L, _SGM_BIGG = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+_OPENCLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                   ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
+
+
+def openclip_state_dict(text_encoder_2) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights under OpenCLIP's names (q/k/v stacked into
+    in_proj, the projection transposed), as SDXL's single files hold the bigG tower."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder_2.state_dict().items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    for i in range(text_encoder_2.config.num_hidden_layers):
+        pre = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{pre}self_attn.{x}_proj.{kind}") for x in "qkv"])
+            for new, old in _OPENCLIP_LAYER:
+                out[f"transformer.resblocks.{i}.{old}.{kind}"] = sd.pop(f"{pre}{new}.{kind}")
+    if sd:
+        raise KeyError(f"unmapped text_encoder_2 weights: {sorted(sd)[:4]}")
+    return out
+
+
+def sgm_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers SDXL folder under Stability's single-file names."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    model_dir = Path(model_dir)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")
+    up_attention = [hasattr(b, "attentions") for b in unet.up_blocks]
+    out = {}
+    for k, t in unet.state_dict().items():
+        top = k.rsplit(".", 1)[0]
+        name = (f"{_SGM_UNET_TOP[top]}.{k.rsplit('.', 1)[1]}" if top in _SGM_UNET_TOP
+                else ldm_unet_key(k, unet.config.layers_per_block, up_attention))
+        out[_LDM_UNET + name] = t
+    for k, t in vae.state_dict().items():
+        name = ldm_vae_key(k, len(vae.config.down_block_types))
+        if ".mid.attn_1." in name and name.endswith("weight") and t.ndim == 2:
+            t = t[:, :, None, None]
+        out[_LDM_VAE + name] = t
+    for k, t in text_encoder.state_dict().items():
+        if not k.endswith("position_ids"):
+            out[_SGM_CLIP_L + k.removeprefix("text_model.")] = t
+    for k, t in openclip_state_dict(text_encoder_2).items():
+        out[_SGM_BIGG + k] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_sgm_checkpoint(model_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """A single-file ``.safetensors`` of a tiny SDXL folder in Stability's layout."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(sgm_state_dict(model_dir), str(path))
+    return path
 
 
 # -- single-file checkpoints in the original ldm key layout ---------------------------------

@@ -147,6 +147,8 @@ def check_device(device: str) -> str:
 
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
 MODEL_HELP = "Hugging Face id, local diffusers folder, or single .ckpt/.safetensors file (SD 1.x or 2.x)."
+WSSS_MODEL_HELP = ("Hugging Face id, local diffusers folder, or single .ckpt/.safetensors file (SD 1.x, 2.x "
+                   "or SDXL base; SDXL works at 1024 px on the long side, docs/sdxl.md).")
 CONFIG_HELP = ("With a single-file --model: a diffusers folder or hub id with the component configs and "
                "tokenizer (needed offline).")
 ORIGINAL_CONFIG_HELP = "With a single-file --model of a non-standard architecture: its original (ldm) YAML."

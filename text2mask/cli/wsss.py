@@ -18,7 +18,7 @@ from ..wsss.result import MaskConfig
 from ..errors import EXIT_CONFIG, EXIT_FAILED_ITEMS as EXIT_FAILED_IMAGES, ConfigError, InputError
 from ..guard import Guard, safe_name
 from ..log import get, progress
-from .root import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, MODEL_PANEL, ORIGINAL_CONFIG_OPTION, REVISION_OPTION, WORKERS_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
+from .root import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, WSSS_MODEL_HELP, MODEL_PANEL, ORIGINAL_CONFIG_OPTION, REVISION_OPTION, WORKERS_HELP, Dtype, app, check_device, exits, finish_run, parse_shard, quiet_libraries
 
 log = get(__name__)
 
@@ -91,7 +91,7 @@ def generate(
     prompts: Optional[str] = typer.Option(None, help="Class list and prompts: voc, coco, or a JSON file of that format.",
                                           rich_help_panel=DATA),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of the split.", rich_help_panel=DATA),
-    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
+    model: str = typer.Option(DEFAULT_MODEL, help=WSSS_MODEL_HELP, rich_help_panel=MODEL),
     revision: Optional[str] = REVISION_OPTION,
     config: Optional[str] = CONFIG_OPTION,
     original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,
@@ -375,7 +375,7 @@ def segment(
                                          "themselves); box threshold 0.2, background tau 1.0, power p 2.",
                                rich_help_panel=DATA),
     out: Path = typer.Option(Path("segment-out"), help="Output folder.", rich_help_panel=OUTPUT),
-    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP, rich_help_panel=MODEL),
+    model: str = typer.Option(DEFAULT_MODEL, help=WSSS_MODEL_HELP, rich_help_panel=MODEL),
     revision: Optional[str] = REVISION_OPTION,
     config: Optional[str] = CONFIG_OPTION,
     original_config: Optional[Path] = ORIGINAL_CONFIG_OPTION,

@@ -1,18 +1,21 @@
-"""Capture attention from chosen UNet transformer blocks (SD 1.x and 2.x).
+"""Capture attention from chosen UNet transformer blocks (SD 1.x, 2.x and SDXL).
 
-The UNets of SD 1.x and 2.x have 16 transformer blocks; we number them in forward order
-(down, mid, up), which is NOT ``named_modules()`` order (that lists the mid block last).
-The two families differ only inside a block (head counts per block, linear instead of
-conv projections), which the capture does not depend on.
+A transformer block is one ``Transformer2DModel`` of the UNet; we number them in forward
+order (down, mid, up), which is NOT ``named_modules()`` order (that lists the mid block
+last). The UNets of SD 1.x and 2.x have 16 blocks of one transformer layer each; the two
+families differ only inside a block (head counts per block, linear instead of conv
+projections), which the capture does not depend on. SDXL's has 11 blocks of 2 or 10
+layers (``CaptureLayout``; the family's layout is chosen from the UNet config).
 
 Only the hooked attention layers compute explicit probabilities
 
     P = softmax(Q K^T / sqrt(d))      per head, in fp32 (or float64); handed over as the head mean
 
-every other layer keeps diffusers' fused attention. A hooked layer returns the same
-output as the processor it replaced, so the activations downstream do not change. Once
-the last hooked layer has run, the rest of the UNet cannot change any captured map: with
-``stop_early`` the forward pass is stopped there.
+every other layer keeps diffusers' fused attention. A block's map is the mean of its
+layers' head-mean maps (one layer in SD 1.x/2.x: that layer's map, unchanged). A hooked
+layer returns the same output as the processor it replaced, so the activations
+downstream do not change. Once the last hooked layer has run, the rest of the UNet
+cannot change any captured map: with ``stop_early`` the forward pass is stopped there.
 """
 from __future__ import annotations
 
@@ -32,13 +35,36 @@ LAYOUT = ("SD 1.x/2.x UNet: 16 transformer blocks (6 down, 1 mid, 9 up), one tra
 
 
 @dataclass(frozen=True)
+class CaptureLayout:
+    """Where a family's UNet keeps the attention the methods read: the resolution of each
+    transformer block in forward order, whether a block must hold exactly one transformer
+    layer, and the WSSS default blocks (the paper's choice, or its translation)."""
+
+    factors: tuple[int, ...]        # downsampling w.r.t. the latent of each block, forward order
+    single_layer: bool              # every block holds one transformer layer (SD 1.x/2.x)
+    cross_blocks: tuple[int, ...]   # WSSS: cross-attention blocks averaged into Cross
+    self_blocks: tuple[int, ...]    # WSSS: self-attention blocks averaged into Self
+    description: str
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.factors)
+
+
+# ALGORITHM.md section 3: blocks 4-8 (latent/4 and /8) for Cross, block 11 (latent/2) for Self.
+SD_LAYOUT = CaptureLayout(factors=(1, 1, 2, 2, 4, 4, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1), single_layer=True,
+                          cross_blocks=CROSS_BLOCKS, self_blocks=(SELF_BLOCK,), description=LAYOUT)
+
+
+@dataclass(frozen=True)
 class Block:
-    index: int     # forward order 0..15
+    index: int     # forward order 0..15 (SD 1.x/2.x), 0..10 (SDXL)
     name: str      # diffusers module path of the Transformer2DModel
     factor: int    # spatial downsampling w.r.t. the latent (1, 2, 4 or 8)
+    layers: int = 1  # transformer layers (BasicTransformerBlock) in it: 1 in SD 1.x/2.x, 2 or 10 in SDXL
 
-    def processor_key(self, kind: str) -> str:
-        return f"{self.name}.transformer_blocks.0.{kind}.processor"
+    def processor_key(self, kind: str, layer: int = 0) -> str:
+        return f"{self.name}.transformer_blocks.{layer}.{kind}.processor"
 
 
 def transformer_blocks(unet) -> list[Block]:
@@ -47,8 +73,9 @@ def transformer_blocks(unet) -> list[Block]:
     n_down = len(unet.down_blocks)
 
     def add(prefix: str, module, factor: int) -> None:
-        for a in range(len(getattr(module, "attentions", None) or ())):
-            blocks.append(Block(len(blocks), f"{prefix}.attentions.{a}", factor))
+        for a, t in enumerate(getattr(module, "attentions", None) or ()):
+            blocks.append(Block(len(blocks), f"{prefix}.attentions.{a}", factor,
+                                len(getattr(t, "transformer_blocks", None) or ())))
 
     for i, b in enumerate(unet.down_blocks):
         add(f"down_blocks.{i}", b, 2 ** i)
@@ -59,24 +86,36 @@ def transformer_blocks(unet) -> list[Block]:
     return blocks
 
 
-def check_layout(unet) -> list[Block]:
-    """The 16 blocks of an SD 1.x/2.x UNet, or ModelLoadError describing what was found
-    (e.g. SDXL: 11 blocks with 2 or 10 transformer layers)."""
+def layout_of(unet) -> CaptureLayout:
+    """The capture layout of the UNet's family (from its config; SD 1.x/2.x's unless the
+    config is SDXL's)."""
+    from .families import family_of_unet
+
+    return family_of_unet(unet.config).layout
+
+
+def check_layout(unet, layout: CaptureLayout | None = None) -> list[Block]:
+    """The blocks of a UNet with its family's layout (SD 1.x/2.x: 16 blocks of one layer;
+    SDXL: 11 blocks of any depth at latent/2 and /4), or ModelLoadError describing what was
+    found (e.g. an SDXL-shaped UNet without SDXL's conditioning: 11 blocks, 2 or 10 layers)."""
+    layout = layout or layout_of(unet)
     blocks = transformer_blocks(unet)
     found = []
     for b in blocks:
         layers = unet.get_submodule(b.name).transformer_blocks
-        first = layers[0]
-        attn2 = getattr(first, "attn2", None)
-        if len(layers) != 1 or attn2 is None or not attn2.is_cross_attention:
+        crossing = [getattr(t, "attn2", None) is not None and t.attn2.is_cross_attention for t in layers]
+        if (layout.single_layer and len(layers) != 1) or not layers or not all(crossing):
             found.append(f"{b.name}: {len(layers)} transformer layer(s)"
-                         f"{'' if attn2 is not None and attn2.is_cross_attention else ', no cross-attention'}")
-    if len(blocks) != NUM_BLOCKS or found:
+                         f"{'' if all(crossing) else ', no cross-attention'}")
+    factors = tuple(b.factor for b in blocks)
+    if len(blocks) != layout.num_blocks or found or factors != layout.factors:
         layers = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+        shape = "" if len(blocks) != layout.num_blocks or factors == layout.factors else (
+            f" at latent/{list(factors)}")
         raise ModelLoadError(
-            f"unknown UNet layout for attention capture: found {len(blocks)} transformer blocks "
+            f"unknown UNet layout for attention capture: found {len(blocks)} transformer blocks{shape} "
             f"(down block types {list(unet.config.down_block_types)})"
-            f"{'; ' + layers if layers else ''}. Supported: {LAYOUT} (SDXL and others are not).")
+            f"{'; ' + layers if layers else ''}. Supported: {layout.description} (SD3, Flux and others are not).")
     return blocks
 
 
@@ -163,7 +202,7 @@ class _ProbabilityProcessor:
                        if getattr(attn, n, None) is not None]
         if unsupported or hidden_states.ndim != 3:
             raise NotImplementedError(
-                f"attention capture supports SD 1.x/2.x transformer blocks only; {self.block.name} "
+                f"attention capture supports SD 1.x/2.x/SDXL transformer blocks only; {self.block.name} "
                 f"{self.kind} has {', '.join(unsupported) or f'{hidden_states.ndim}-d hidden states'}")
         residual = hidden_states
         cross = encoder_hidden_states is not None
@@ -193,11 +232,12 @@ class _ProbabilityProcessor:
 class CapturedMaps:
     """Head-averaged attention of one forward pass.
 
-    cross: {block index: (B, h, w, tokens)} probabilities from ``attn2``;
-    cross_logits: {block index: (B, h, w, K)} head-mean pre-softmax logits Q K^T / sqrt(d)
-    of the K requested token columns; self_attn: (B, N, N) from ``attn1``, averaged over
-    the self blocks, rows = queries (row-stochastic); grid: its (h, w); output: the UNet
-    output (``stop_early=False`` only)."""
+    cross: {block index: (B, h, w, tokens)} probabilities from ``attn2`` (a block of
+    several transformer layers: the mean of its layers' maps); cross_logits: {block index:
+    (B, h, w, K)} head-mean pre-softmax logits Q K^T / sqrt(d) of the K requested token
+    columns (layer mean likewise); self_attn: (B, N, N) from ``attn1``, averaged over the
+    layers of the self blocks, rows = queries (row-stochastic); grid: its (h, w); output:
+    the UNet output (``stop_early=False`` only)."""
 
     cross: dict[int, torch.Tensor] = field(default_factory=dict)
     cross_logits: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -206,13 +246,20 @@ class CapturedMaps:
     output: torch.Tensor | None = None
 
 
+def _layer_mean(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One layer's map as it is (SD 1.x/2.x: the bytes of that layer), several averaged."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
+
+
 class AttentionCapture:
     """Context manager in the spirit of DAAM's ``trace``: hooks the cross-attention of
-    ``cross_blocks`` and the self-attention of ``self_blocks`` and hands back the maps.
+    ``cross_blocks`` and the self-attention of ``self_blocks`` (every transformer layer of
+    each) and hands back the maps.
 
         with AttentionCapture(unet, (4, 5, 6, 7, 8), (11,)) as cap:
             maps = cap.run(latents, t, text_embeddings)
 
+    ``run`` takes SDXL's ``added_cond_kwargs`` (pooled text embedding, time ids) too.
     Works under autograd when the caller enables it (maps and output are differentiable).
     """
 
@@ -221,9 +268,9 @@ class AttentionCapture:
                  cross_logits_tokens: Sequence[int] | None = None, stop_early: bool = True):
         self.unet = unet
         blocks = check_layout(unet)
-        bad = [i for i in (*cross_blocks, *self_blocks) if not 0 <= i < NUM_BLOCKS]
+        bad = [i for i in (*cross_blocks, *self_blocks) if not 0 <= i < len(blocks)]
         if bad:
-            raise ValueError(f"block indices must lie in 0..{NUM_BLOCKS - 1}, got {bad}")
+            raise ValueError(f"block indices must lie in 0..{len(blocks) - 1}, got {bad}")
         self.cross_blocks = tuple(blocks[i] for i in sorted(set(cross_blocks)))
         self.self_blocks = tuple(blocks[i] for i in sorted(set(self_blocks)))
         if len({b.factor for b in self.self_blocks}) > 1:
@@ -235,20 +282,26 @@ class AttentionCapture:
             list(cross_logits_tokens), dtype=torch.long)
         self.stop_early = stop_early
         self._latent_hw = (0, 0)
-        self._maps = CapturedMaps()
-        self._self_parts: list[torch.Tensor] = []
+        self._reset()
         self._swap = None
 
+    def _reset(self) -> None:
+        self._maps = CapturedMaps()
+        self._cross_parts: dict[int, list[torch.Tensor]] = {}
+        self._logit_parts: dict[int, list[torch.Tensor]] = {}
+        self._self_parts: list[torch.Tensor] = []
+
     def __enter__(self) -> "AttentionCapture":
-        hooked = [(b, "attn2") for b in self.cross_blocks] + [(b, "attn1") for b in self.self_blocks]
-        # attn1 runs before attn2 inside a block.
-        last = max(hooked, key=lambda bk: (bk[0].index, bk[1]))
+        hooked = [(b, layer, "attn2") for b in self.cross_blocks for layer in range(b.layers)] + [
+            (b, layer, "attn1") for b in self.self_blocks for layer in range(b.layers)]
+        # Forward order: block, then layer; attn1 runs before attn2 inside a layer.
+        last = max(hooked, key=lambda h: (h[0].index, h[1], h[2]))
         current = self.unet.attn_processors
         procs = {}
-        for b, kind in hooked:
-            key = b.processor_key(kind)
+        for b, layer, kind in hooked:
+            key = b.processor_key(kind, layer)
             custom = _projections(current[key], key)
-            procs[key] = _ProbabilityProcessor(self, b, kind, last=(b, kind) == last, custom=custom)
+            procs[key] = _ProbabilityProcessor(self, b, kind, last=(b, layer, kind) == last, custom=custom)
         self._swap = swap_processors(self.unet, procs)
         self._swap.__enter__()
         return self
@@ -267,31 +320,40 @@ class AttentionCapture:
     def _record(self, block: Block, kind: str, probs: torch.Tensor, logits: torch.Tensor) -> None:
         gh, gw = self._grid(block, probs.shape[1])
         if kind == "attn2":
-            self._maps.cross[block.index] = probs.reshape(probs.shape[0], gh, gw, probs.shape[-1])
+            self._cross_parts.setdefault(block.index, []).append(
+                probs.reshape(probs.shape[0], gh, gw, probs.shape[-1]))
             if self.logit_tokens is not None:
                 cols = logits[..., self.logit_tokens.to(logits.device)].mean(dim=1)
-                self._maps.cross_logits[block.index] = cols.reshape(cols.shape[0], gh, gw, cols.shape[-1])
+                self._logit_parts.setdefault(block.index, []).append(
+                    cols.reshape(cols.shape[0], gh, gw, cols.shape[-1]))
         else:
             self._self_parts.append(probs)
             self._maps.grid = (gh, gw)
 
-    def run(self, latents: torch.Tensor, timestep, text_embeddings: torch.Tensor) -> CapturedMaps:
+    def run(self, latents: torch.Tensor, timestep, text_embeddings: torch.Tensor,
+            added_cond_kwargs: dict | None = None) -> CapturedMaps:
         """One UNet forward (stopped after the last hooked layer if ``stop_early``); returns the maps."""
         if self._swap is None:
             raise RuntimeError("AttentionCapture.run() must be called inside `with AttentionCapture(...)`")
         self._latent_hw = tuple(latents.shape[-2:])
-        self._maps, self._self_parts = CapturedMaps(), []
+        self._reset()
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
         try:
-            out = self.unet(latents, timestep, encoder_hidden_states=text_embeddings)
+            out = self.unet(latents, timestep, encoder_hidden_states=text_embeddings, **extra)
             self._maps.output = out.sample
         except _Done:
             pass
-        maps, parts = self._maps, self._self_parts
-        self._maps, self._self_parts = CapturedMaps(), []
+        maps, cross, logits, parts = self._maps, self._cross_parts, self._logit_parts, self._self_parts
+        self._reset()
+        for b in self.cross_blocks:
+            if len(cross.get(b.index, ())) == b.layers:
+                maps.cross[b.index] = _layer_mean(cross[b.index])
+                if b.index in logits:
+                    maps.cross_logits[b.index] = _layer_mean(logits[b.index])
         if parts:
-            maps.self_attn = parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
+            maps.self_attn = _layer_mean(parts)
         missing = [b.index for b in self.cross_blocks if b.index not in maps.cross]
-        if len(parts) != len(self.self_blocks):
+        if len(parts) != sum(b.layers for b in self.self_blocks):
             missing += [b.index for b in self.self_blocks]
         if missing:
             raise RuntimeError(f"attention of blocks {missing} was not captured")

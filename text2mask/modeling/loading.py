@@ -1,20 +1,24 @@
-"""Loading the parts of Stable Diffusion 1.x / 2.x the methods use (model I/O lives here only).
+"""Loading the parts of Stable Diffusion 1.x / 2.x / XL the methods use (model I/O lives here only).
 
-VAE, UNet, CLIP text encoder, tokenizer and the DDPM noise schedule — no safety checker,
-no feature extractor, no sampler. ``model`` is
+VAE, UNet, CLIP text encoder(s), tokenizer(s) and the DDPM noise schedule — no safety
+checker, no feature extractor, no sampler, no watermarker. ``model`` is
 
-- a Hugging Face id (``CompVis/stable-diffusion-v1-4``, ``stabilityai/stable-diffusion-2-1-base``),
+- a Hugging Face id (``CompVis/stable-diffusion-v1-4``, ``stabilityai/stable-diffusion-2-1-base``,
+  ``stabilityai/stable-diffusion-xl-base-1.0``),
 - a local diffusers folder (the layout ``save_pretrained`` writes),
 - a single ``.ckpt``/``.safetensors`` checkpoint (original ldm key layout, e.g. ``sd-v1-4.ckpt``)
-  read by diffusers' ``from_single_file``: ``config`` (folder or hub id of a diffusers model
-  of the same architecture) supplies the component configs and the tokenizer offline, and
-  ``original_config`` (ldm YAML) a non-standard architecture, as diffusers names them;
+  or SDXL's sgm layout, e.g. ``sd_xl_base_1.0.safetensors``) read by diffusers' ``from_single_file``:
+  ``config`` (folder or hub id of a diffusers model of the same architecture) supplies the
+  component configs and the tokenizers offline, and ``original_config`` (ldm YAML) a
+  non-standard architecture, as diffusers names them;
 - or, through ``StableDiffusion.from_pipe``, a pipeline already in memory (no reload, no copy).
 
-Every load is checked before any work: the family (SD 1.x: OpenAI CLIP text encoder, conv
-projections; SD 2.x: OpenCLIP, linear projections, per-block head counts) and the
-tokenizer (``check_tokenizer``, issue 15: transformers 5 silently returns a 2-token
-tokenizer when the vocabulary files are missing).
+Every load is checked before any work: the family (``families``; SD 1.x: OpenAI CLIP text
+encoder, conv projections; SD 2.x: OpenCLIP, linear projections, per-block head counts;
+SDXL: both, 2/10-layer blocks, pooled text and time ids) and the tokenizer
+(``check_tokenizer``, issue 15: transformers 5 silently returns a 2-token tokenizer when
+the vocabulary files are missing). ``families`` says which families a caller takes: SD
+1.x/2.x by default (every method), SDXL too for WSSS ``generate``/``segment``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ import torch
 
 from ..errors import ModelLoadError
 from ..log import get
+from . import sdxl
 from .capture import check_layout
+from .families import FAMILIES, SD_FAMILIES, Family, TextCondition, refuse_transformer, transformer_name
 from .latents import posterior
 
 log = get(__name__)
@@ -37,7 +43,6 @@ log = get(__name__)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 # A file the test/demo model builder leaves in its folder: runs on it say their masks mean nothing.
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
-FAMILIES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 # Seconds the hub may take to answer the one metadata request made before a download: an
 # unreachable hub fails within seconds, not after minutes of retries.
@@ -69,9 +74,14 @@ class StableDiffusion:
     prediction_type: str = "epsilon"   # the scheduler's: "epsilon" or "v_prediction" (SD 2.x 768)
     vae_encode: Callable | None = None  # compiled VAE encoder (kernels.compile_vae_encoder); None: eager
     scheduler: object = None            # the model's own sampler (refer's class images); None: not loaded
+    tokenizer_2: object = None          # SDXL: OpenCLIP bigG's tokenizer (the same BPE, pads with "!")
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (pooled embedding)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the VAE posterior of x (B, 3, H, W) in [-1, 1], in float32."""
+        """(mean, std) of the VAE posterior of x (B, 3, H, W) in [-1, 1], in float32. An
+        fp16 SDXL keeps its VAE in fp32 (``force_upcast``: SDXL's VAE overflows in fp16)."""
+        if x.dtype != self.vae.dtype:
+            x = x.to(self.vae.dtype)
         return posterior(self.vae, x, self.vae_encode)
 
     @property
@@ -82,20 +92,42 @@ class StableDiffusion:
     def family(self) -> str:
         return self.info["family"]
 
+    @property
+    def spec(self) -> Family:
+        """The family's description: capture layout, text conditioning, WSSS input size."""
+        return FAMILIES[self.family]
+
+    def encode_prompt(self, text: str) -> TextCondition:
+        """The UNet's text conditioning of one prompt (padded to 77 tokens, never truncated)."""
+        return self.spec.condition(self, text)
+
+    def added_conditions(self, pooled: torch.Tensor | None, pixel_hw: tuple[int, int]) -> dict | None:
+        """SDXL's ``added_cond_kwargs`` for rows of pooled embeddings at a UNet input of
+        ``pixel_hw``; None for SD 1.x/2.x."""
+        return None if self.spec.added is None else self.spec.added(self, pooled, pixel_hw)
+
     @classmethod
-    def from_pipe(cls, pipe, *, info: dict | None = None) -> "StableDiffusion":
+    def from_pipe(cls, pipe, *, info: dict | None = None,
+                  families: tuple[str, ...] = SD_FAMILIES) -> "StableDiffusion":
         """Wrap a diffusers pipeline already in memory (e.g. a notebook's
-        ``StableDiffusionPipeline``): the very same module objects, not reloaded, not copied,
-        not moved. Device and dtype are the UNet's."""
-        missing = [n for n in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
-                   if getattr(pipe, n, None) is None]
+        ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``): the very same module
+        objects, not reloaded, not copied, not moved. Device and dtype are the UNet's."""
+        name = str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+        unet = getattr(pipe, "unet", None)
+        if unet is None and getattr(pipe, "transformer", None) is not None:
+            raise refuse_transformer(transformer_name(pipe.transformer.config) or
+                                     f"a transformer model ({type(pipe.transformer).__name__})",
+                                     f"pipeline {type(pipe).__name__}")
+        text_config = getattr(getattr(pipe, "text_encoder", None), "config", {})
+        family = FAMILIES[model_family(unet.config, text_config, f"pipeline {type(pipe).__name__}", families)] \
+            if unet is not None else FAMILIES["sd1"]
+        missing = [n for n in family.components if getattr(pipe, n, None) is None]
         if missing:
             raise ModelLoadError(f"pipeline {type(pipe).__name__} has no {', '.join(missing)}: text2mask needs "
-                                 "the VAE, UNet, CLIP text encoder, tokenizer and scheduler of SD 1.x/2.x")
-        name = str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+                                 f"the {', '.join(family.components)} of {family.title}")
         base = {"model": name, "source": "pipeline", "pipeline_class": type(pipe).__name__}
-        return _assemble(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                         pipe.unet.device, pipe.unet.dtype, {**base, **(info or {})}, name)
+        return _assemble({n: getattr(pipe, n) for n in family.components}, pipe.unet.device, pipe.unet.dtype,
+                         {**base, **(info or {})}, name, families=families)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -168,13 +200,29 @@ def _resolved_revision(module) -> str | None:
 
 # -- checks ---------------------------------------------------------------------------------
 
-def model_family(unet_config, text_config, where: str) -> str:
-    """"sd1" or "sd2" from the UNet's and the text encoder's configs, or ModelLoadError
-    naming what was found (SDXL, inpainting, upscalers, a mix of families...)."""
+def model_family(unet_config, text_config, where: str, families: tuple[str, ...] = SD_FAMILIES) -> str:
+    """The family ("sd1", "sd2" or, if ``families`` has it, "sdxl") from the UNet's and the
+    (first) text encoder's configs, or ModelLoadError naming what was found (SDXL for a
+    method that does not read it, Kandinsky, SD3/Flux, inpainting, upscalers, refiners, a
+    mix of families...)."""
+    name = transformer_name(unet_config)
+    if name:
+        raise refuse_transformer(name, where)
     get_u = (lambda k, d=None: unet_config.get(k, d)) if isinstance(unet_config, dict) else (
         lambda k, d=None: getattr(unet_config, k, d))
     get_t = (lambda k, d=None: text_config.get(k, d)) if isinstance(text_config, dict) else (
         lambda k, d=None: getattr(text_config, k, d))
+    kandinsky = FAMILIES["kandinsky22"]
+    if kandinsky.detect(unet_config):
+        raise ModelLoadError(f"{where} is a {kandinsky.title}: {kandinsky.refusal}.")
+    xl = FAMILIES["sdxl"].detect(unet_config)
+    if xl and "sdxl" in families:
+        found = sdxl.problems(unet_config, text_config)
+        if found:
+            raise ModelLoadError(f"{where} has SDXL's added text/time conditioning but is not an SDXL base model: "
+                                 f"found {'; '.join(found)}. text2mask reads SD 1.x, 2.x and SDXL base (not the "
+                                 "refiner, inpainting or other SDXL variants).")
+        return "sdxl"
     found = []
     if get_u("addition_embed_type"):
         found.append(f"addition_embed_type={get_u('addition_embed_type')!r} (SDXL-style conditioning)")
@@ -191,9 +239,11 @@ def model_family(unet_config, text_config, where: str) -> str:
         found.append(f"text encoder activation {act!r} with use_linear_projection={linear} (SD 1.x has "
                      "quick_gelu without, SD 2.x gelu with linear projections)")
     if found:
+        xl_hint = (" SDXL base is read by `text2mask generate` and `segment` (and the Python API Text2Mask) only."
+                   if xl else "")
         raise ModelLoadError(
             f"{where} is not a Stable Diffusion 1.x or 2.x model: found {'; '.join(found)}. "
-            "text2mask supports SD 1.x and 2.x (SDXL, SD3 and others are not supported).")
+            f"This supports SD 1.x and 2.x (SD3, Flux and others are not supported).{xl_hint}")
     return family
 
 
@@ -248,11 +298,18 @@ def check_tokenizer(tokenizer, vocab_size: int, where: str, folder: Path | None 
             "as in the original model's tokenizer/ folder), or pass a model whose tokenizer is cached or reachable.")
 
 
-def check_components(unet, text_encoder, tokenizer, where: str, tokenizer_folder: Path | None = None) -> str:
-    """Family, UNet layout, tokenizer and the text width the UNet's cross-attention reads."""
-    family = model_family(unet.config, text_encoder.config, where)
-    check_layout(unet)
+def check_components(unet, text_encoder, tokenizer, where: str, tokenizer_folder: Path | None = None, *,
+                     families: tuple[str, ...] = SD_FAMILIES, text_encoder_2=None, tokenizer_2=None) -> str:
+    """Family, UNet layout, tokenizer(s) and the text width the UNet's cross-attention reads."""
+    family = model_family(unet.config, text_encoder.config, where, families)
+    check_layout(unet, FAMILIES[family].layout)
     check_tokenizer(tokenizer, text_encoder.config.vocab_size, where, tokenizer_folder)
+    if family == "sdxl":
+        if tokenizer_2 is not None and text_encoder_2 is not None:
+            check_tokenizer(tokenizer_2, text_encoder_2.config.vocab_size, f"{where} (tokenizer_2)",
+                            tokenizer_folder.parent / "tokenizer_2" if tokenizer_folder else None)
+        sdxl.check_parts(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, where)
+        return family
     hidden, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
     if hidden != cross:
         raise ModelLoadError(
@@ -286,8 +343,9 @@ def _hub_probe(model: str, revision: str | None, what: str = "the model") -> Non
         hf_raise_for_status(response)
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise ModelLoadError(f"cannot load {what} {model!r}{f' at revision {revision!r}' if revision else ''}: "
-                             f"{type(e).__name__} (no diffusers model with unet/ there, or it is gated or "
-                             f"private and no token is set).\n{_HOW_TO}") from None
+                             f"{type(e).__name__} (no diffusers model with unet/ there: SD3 and Flux keep a "
+                             f"transformer/ instead and are not supported; or it is gated or private and no token "
+                             f"is set).\n{_HOW_TO}") from None
     except HfHubHTTPError as e:
         raise ModelLoadError(f"cannot load {what} {model!r}: the hub answered {response.status_code} "
                              f"({str(e).splitlines()[0]}).\n{_HOW_TO}") from None
@@ -301,7 +359,7 @@ def _hub_offline() -> bool:
 
 # -- loading ---------------------------------------------------------------------------------
 
-def _load_folder_components(src: str, dt: torch.dtype, **kw):
+def _load_folder_components(src: str, dt: torch.dtype, family: str = "sd1", **kw) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -310,21 +368,42 @@ def _load_folder_components(src: str, dt: torch.dtype, **kw):
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dt, **kw)
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dt, **kw)
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-    return vae, unet, text_encoder, tokenizer, scheduler
+    parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    if family == "sdxl":
+        from transformers import CLIPTextModelWithProjection
+
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2",
+                                                                              torch_dtype=dt, **kw)
+    return parts
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: unreadable config ({e})") from None
 
 
 def _read_configs(folder: Path) -> tuple[dict, dict]:
-    """unet/ and text_encoder/ configs of a local folder, read before any weights."""
+    """unet/ and text_encoder/ configs of a local folder, read before any weights. A folder
+    with a transformer/ instead of a unet/ (SD3, Flux) and a Kandinsky decoder (no text
+    encoder) are named before the text encoder is looked for."""
+    if not (folder / "unet" / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
+        cfg = _read_config(folder / "transformer" / "config.json")
+        raise refuse_transformer(transformer_name(cfg) or f"a transformer model ({cfg.get('_class_name')})",
+                                 f"local folder {folder}")
+    if (folder / "unet" / "config.json").is_file():
+        kandinsky = FAMILIES["kandinsky22"]
+        if kandinsky.detect(_read_config(folder / "unet" / "config.json")):
+            raise ModelLoadError(f"local folder {folder} is a {kandinsky.title}: {kandinsky.refusal}.")
     out = []
     for sub in ("unet", "text_encoder"):
         path = folder / sub / "config.json"
         if not path.is_file():
             raise ModelLoadError(f"{folder} has no {sub}/config.json: not a diffusers Stable Diffusion folder. "
                                  f"{_describe_folder(folder)}\n{_HOW_TO}")
-        try:
-            out.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{path}: unreadable config ({e})") from None
+        out.append(_read_config(path))
     return out[0], out[1]
 
 
@@ -345,9 +424,12 @@ def _load_error(where: str, e: Exception) -> ModelLoadError:
                           f"{str(e).splitlines()[0] if str(e) else ''}\n{_HOW_TO}")
 
 
-def _assemble(vae, unet, text_encoder, tokenizer, scheduler, dev, dt, info: dict, where: str,
-              tokenizer_folder: Path | None = None) -> StableDiffusion:
-    family = check_components(unet, text_encoder, tokenizer, where, tokenizer_folder)
+def _assemble(parts: dict, dev, dt, info: dict, where: str, tokenizer_folder: Path | None = None, *,
+              families: tuple[str, ...] = SD_FAMILIES) -> StableDiffusion:
+    vae, unet, text_encoder, tokenizer, scheduler = (parts[n] for n in
+                                                     ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
+    family = check_components(unet, text_encoder, tokenizer, where, tokenizer_folder, families=families,
+                              text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"))
     cfg = scheduler.config
     if (cfg.num_train_timesteps, cfg.beta_schedule) != (1000, "scaled_linear"):
         raise ModelLoadError(f"{where}: expected SD's 1000-step scaled_linear schedule, got "
@@ -363,107 +445,136 @@ def _assemble(vae, unet, text_encoder, tokenizer, scheduler, dev, dt, info: dict
     info = {**info, "family": family, "prediction_type": prediction,
             "device": str(dev), "dtype": str(dt).replace("torch.", "")}
     return StableDiffusion(vae, unet, text_encoder, tokenizer, alphas_cumprod, dev, dt, info, prediction,
-                           scheduler=scheduler)
+                           scheduler=scheduler, tokenizer_2=parts.get("tokenizer_2"),
+                           text_encoder_2=parts.get("text_encoder_2"))
 
 
 def load(model: str = DEFAULT_MODEL, *, device: str | None = None, dtype: str | None = None,
          revision: str | None = None, config: str | None = None,
-         original_config: str | None = None) -> StableDiffusion:
-    """Load SD 1.x/2.x from a hub id, a diffusers folder or a single checkpoint file."""
+         original_config: str | None = None, families: tuple[str, ...] = SD_FAMILIES) -> StableDiffusion:
+    """Load SD 1.x/2.x (and SDXL base, if ``families`` has "sdxl") from a hub id, a
+    diffusers folder or a single checkpoint file."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     local = Path(model).expanduser()
     if local.is_file():
-        return _load_single_file(local, dev, dt, config, original_config)
+        return _load_single_file(local, dev, dt, config, original_config, families)
     if config or original_config:
         raise ModelLoadError(f"--config/--original-config apply to a single checkpoint file; {model!r} is not one")
     if local.is_dir():
-        return _load_folder(local, dev, dt, model)
+        return _load_folder(local, dev, dt, model, families)
     if not _HUB_ID.fullmatch(model):
         raise ModelLoadError(f"--model {model!r}: no such local folder or file, and not a Hugging Face id like "
                              f"{DEFAULT_MODEL!r}")
-    return _load_hub(model, revision, dev, dt)
+    return _load_hub(model, revision, dev, dt, families)
 
 
 def _finish(sd: StableDiffusion) -> StableDiffusion:
-    for m in (sd.vae, sd.unet, sd.text_encoder):
-        m.to(sd.device).eval().requires_grad_(False)
+    for m in (sd.vae, sd.unet, sd.text_encoder, sd.text_encoder_2):
+        if m is not None:
+            m.to(sd.device).eval().requires_grad_(False)
+    if sd.dtype == torch.float16 and getattr(sd.vae.config, "force_upcast", False) and sd.family == "sdxl":
+        sd.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config says force_upcast)
     log.info("%s (%s) on %s in %s", sd.info.get("model"), sd.info.get("family"), sd.device,
              str(sd.dtype).replace("torch.", ""))
     return sd
 
 
-def _load_folder(folder: Path, dev, dt, model: str) -> StableDiffusion:
+def _load_folder(folder: Path, dev, dt, model: str, families: tuple[str, ...] = SD_FAMILIES) -> StableDiffusion:
     where = f"local folder {folder}"
     unet_cfg, text_cfg = _read_configs(folder)
-    model_family(unet_cfg, text_cfg, where)  # refuse SDXL & co. before reading any weights
+    family = model_family(unet_cfg, text_cfg, where, families)  # refuse other families before reading weights
     try:
-        parts = _load_folder_components(str(folder), dt)
+        parts = _load_folder_components(str(folder), dt, family)
     except Exception as e:
         raise _load_error(where, e) from e
     info = {"model": model, "source": "folder", "local": True, "folder_sha256": folder_digest(folder)}
     if (folder / RANDOM_WEIGHTS_MARKER).is_file():
         info["random_weights"] = True
-    return _finish(_assemble(*parts, dev, dt, info, where, folder / "tokenizer"))
+    return _finish(_assemble(parts, dev, dt, info, where, folder / "tokenizer", families=families))
 
 
-def _load_hub(model: str, revision: str | None, dev, dt) -> StableDiffusion:
+def _hub_configs(model: str, revision: str | None, **kw) -> tuple[dict, dict]:
+    """unet/ and text_encoder/ configs of a hub model (``local_files_only=True``: from the cache)."""
+    from huggingface_hub import hf_hub_download
+
+    out = []
+    for sub in ("unet", "text_encoder"):
+        with open(hf_hub_download(model, f"{sub}/config.json", revision=revision, **kw), encoding="utf-8") as f:
+            out.append(json.load(f))
+    return out[0], out[1]
+
+
+def _load_hub(model: str, revision: str | None, dev, dt, families: tuple[str, ...] = SD_FAMILIES) -> StableDiffusion:
     """Cached models load without touching the network; otherwise one bounded probe, then
     huggingface_hub downloads what is missing (resuming partial files)."""
     where = f"Hugging Face model {model!r}"
     try:
-        parts = _load_folder_components(model, dt, revision=revision, local_files_only=True)
-        sd = _assemble(*parts, dev, dt, {}, where)
+        cached = _hub_configs(model, revision, local_files_only=True)
+    except Exception:
+        cached = None
+    # A cached model of a family this caller does not take is refused here, not downloaded again.
+    family = model_family(*cached, where, families) if cached else None
+    try:
+        if family is None:
+            raise FileNotFoundError("unet/ or text_encoder/ config not in the cache")
+        parts = _load_folder_components(model, dt, family, revision=revision, local_files_only=True)
+        sd = _assemble(parts, dev, dt, {}, where, families=families)
     except Exception as e:
         if _hub_offline():
             raise ModelLoadError(f"cannot load {where}: HF_HUB_OFFLINE is set and it is not (completely) in the "
                                  f"local Hugging Face cache ({type(e).__name__}).\n{_HOW_TO}") from None
         log.debug("%s is not complete in the cache (%s); downloading", model, e)
         _hub_probe(model, revision)
-        from huggingface_hub import hf_hub_download
-
-        with open(hf_hub_download(model, "unet/config.json", revision=revision), encoding="utf-8") as f:
-            unet_cfg = json.load(f)
-        with open(hf_hub_download(model, "text_encoder/config.json", revision=revision), encoding="utf-8") as f:
-            text_cfg = json.load(f)
-        model_family(unet_cfg, text_cfg, where)
+        family = model_family(*_hub_configs(model, revision), where, families)
         try:
-            parts = _load_folder_components(model, dt, revision=revision)
+            parts = _load_folder_components(model, dt, family, revision=revision)
         except Exception as e2:
             raise _load_error(where, e2) from e2
-        sd = _assemble(*parts, dev, dt, {}, where)
+        sd = _assemble(parts, dev, dt, {}, where, families=families)
     sd.info.update({"model": model, "source": "hub", "local": False, "revision": revision or "main",
                     "resolved_revision": _resolved_revision(sd.unet)})
     return _finish(sd)
 
 
-def _load_single_file(path: Path, dev, dt, config: str | None, original_config: str | None) -> StableDiffusion:
-    from diffusers import StableDiffusionPipeline
+def _load_single_file(path: Path, dev, dt, config: str | None, original_config: str | None,
+                      families: tuple[str, ...] = SD_FAMILIES) -> StableDiffusion:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     where = f"checkpoint file {path}"
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"--model {str(path)!r} is a file but not a {' or '.join(SINGLE_FILE_SUFFIXES)} "
                              "checkpoint; pass a diffusers model folder, a Hugging Face id or a checkpoint file")
-    if path.suffix.lower() == ".safetensors":
-        _refuse_other_architectures(path)
+    xl = path.suffix.lower() == ".safetensors" and _refuse_other_architectures(path, families) == "sdxl"
     kw: dict = {"torch_dtype": dt}
     if config:
         config_dir = Path(config).expanduser()
         kw["config"] = str(config_dir) if config_dir.is_dir() else config
         if config_dir.is_dir():
             unet_cfg, text_cfg = _read_configs(config_dir)
-            model_family(unet_cfg, text_cfg, f"--config {config_dir}")
+            family = model_family(unet_cfg, text_cfg, f"--config {config_dir}", families)
+            if (family == "sdxl") != xl and path.suffix.lower() == ".safetensors":
+                raise ModelLoadError(f"{where} is {'an SDXL' if xl else 'an SD 1.x/2.x'} checkpoint but --config "
+                                     f"{config_dir} is {FAMILIES[family].title}; pass the configs of its own family")
+            xl = family == "sdxl"
     if original_config:
         kw["original_config"] = str(Path(original_config).expanduser())
     local_only = _hub_offline() or (config is not None and Path(config).expanduser().is_dir())
     try:
-        # safety_checker=None: never fetched (passing load_safety_checker at all makes
-        # diffusers 0.42 take its legacy path, which downloads the checker).
-        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_only, safety_checker=None,
-                                                        feature_extractor=None, **kw)
+        if xl:
+            # No watermarker (it needs invisible-watermark and only marks generated images).
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), local_files_only=local_only,
+                                                              add_watermarker=False, **kw)
+        else:
+            # safety_checker=None: never fetched (passing load_safety_checker at all makes
+            # diffusers 0.42 take its legacy path, which downloads the checker).
+            pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_only,
+                                                            safety_checker=None, feature_extractor=None, **kw)
     except Exception as e:
+        example = "stabilityai/stable-diffusion-xl-base-1.0 for an SDXL" if xl else \
+            "CompVis/stable-diffusion-v1-4 for an SD 1.x"
         hint = ("" if config else " Offline, pass --config with a diffusers folder (or cached hub id) of the same "
-                "architecture, e.g. CompVis/stable-diffusion-v1-4 for an SD 1.x checkpoint.")
+                f"architecture, e.g. {example} checkpoint.")
         raise ModelLoadError(f"cannot load {where}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
     info = {"model": str(path), "source": "single_file", "local": True, "file_sha256": file_digest(path)}
@@ -471,14 +582,15 @@ def _load_single_file(path: Path, dev, dt, config: str | None, original_config: 
         info["config"] = config
     if original_config:
         info["original_config"] = original_config
-    sd = StableDiffusion.from_pipe(pipe, info=info)
+    sd = StableDiffusion.from_pipe(pipe, info=info, families=families)
     sd.device, sd.dtype = dev, dt
     sd.info.update({"device": str(dev), "dtype": str(dt).replace("torch.", "")})
     return _finish(sd)
 
 
-def _refuse_other_architectures(path: Path) -> None:
-    """SDXL/SD3 single files are recognised from their key names (header only)."""
+def _refuse_other_architectures(path: Path, families: tuple[str, ...] = SD_FAMILIES) -> str | None:
+    """SDXL/SD3/Flux single files are recognised from their key names (header only):
+    "sdxl" for an SDXL checkpoint when ``families`` takes it, None for SD 1.x/2.x keys."""
     from safetensors import safe_open
 
     try:
@@ -486,11 +598,17 @@ def _refuse_other_architectures(path: Path) -> None:
             keys = list(f.keys())
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    for marker, name in (("conditioner.embedders.1", "SDXL"), ("model.diffusion_model.joint_blocks", "SD3"),
-                         ("double_blocks.", "Flux")):
+    for marker, name in (("model.diffusion_model.joint_blocks", "Stable Diffusion 3 (MMDiT)"),
+                         ("joint_blocks.", "Stable Diffusion 3 (MMDiT)"), ("double_blocks.", "Flux (MMDiT)")):
         if any(k.startswith(marker) for k in keys):
-            raise ModelLoadError(f"{path} is a {name} checkpoint (keys {marker}*); text2mask supports "
-                                 "Stable Diffusion 1.x and 2.x only")
+            raise refuse_transformer(name, f"checkpoint file {path} (keys {marker}*)")
+    if any(k.startswith(sdxl.SINGLE_FILE_MARKER) for k in keys):
+        if "sdxl" in families:
+            return "sdxl"
+        raise ModelLoadError(f"{path} is an SDXL checkpoint (keys {sdxl.SINGLE_FILE_MARKER}*); this supports "
+                             "Stable Diffusion 1.x and 2.x only. SDXL base is read by `text2mask generate` and "
+                             "`segment` (and the Python API Text2Mask).")
+    return None
 
 
 def load_tokenizer(model: str = DEFAULT_MODEL, revision: str | None = None):

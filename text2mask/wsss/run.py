@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..evaluation.semantic import format_table
 from ..io import read_image
 from ..modeling.latents import Draws
-from ..modeling.capture import CROSS_BLOCKS, SELF_BLOCK, transformer_blocks
+from ..modeling.capture import CaptureLayout, layout_of, transformer_blocks
 from ..preprocess import Geometry, geometry, shrink
 from ..runs import RunOptions as _EngineOptions, RunSummary, run
 from ..runs.budget import gib
@@ -70,16 +70,18 @@ class Prepared:
     draws: Draws | None = field(default=None, repr=False)
 
 
-def row_bytes(unet, geo: Geometry) -> int:
+def row_bytes(unet, geo: Geometry, layout: CaptureLayout | None = None) -> int:
     """Estimated bytes of one UNet row (one image x prompt x sample) at ``geo``: the
     captured blocks compute explicit fp32 attention, logits and probabilities of all
     heads (2 x heads x N x M x 4 bytes: M = N for Self, 77 text tokens for Cross; the
-    largest of them is alive at once), and keep the head-mean maps (Self N^2, each Cross
-    N x 77) until the pass ends. The other blocks use fused attention (memory linear in
-    N) and are left out. At 704x704 with SD 1.x's 8 heads this is ~255 MB per row, which
-    matches the ~22 GB that --samples 100 took for one photo."""
+    largest of them is alive at once), and keep the head-mean maps of every captured
+    layer (Self N^2, each Cross N x 77; SDXL's blocks have 2 or 10 layers) until the pass
+    ends. The other blocks use fused attention (memory linear in N) and are left out. At
+    704x704 with SD 1.x's 8 heads this is ~255 MB per row, which matches the ~22 GB that
+    --samples 100 took for one photo."""
     lh, lw = geo.latent
     blocks = transformer_blocks(unet)
+    layout = layout or layout_of(unet)
 
     def tokens(i: int) -> int:
         f = blocks[i].factor
@@ -88,15 +90,19 @@ def row_bytes(unet, geo: Geometry) -> int:
     def heads(i: int) -> int:
         return unet.get_submodule(blocks[i].name).transformer_blocks[0].attn1.heads
 
-    scores = max([2 * heads(SELF_BLOCK) * tokens(SELF_BLOCK) ** 2]
-                 + [2 * heads(i) * tokens(i) * _TOKENS for i in CROSS_BLOCKS])
-    kept = tokens(SELF_BLOCK) ** 2 + sum(tokens(i) * _TOKENS for i in CROSS_BLOCKS)
+    scores = max([2 * heads(i) * tokens(i) ** 2 for i in layout.self_blocks]
+                 + [2 * heads(i) * tokens(i) * _TOKENS for i in layout.cross_blocks])
+    kept = (sum(blocks[i].layers * tokens(i) ** 2 for i in layout.self_blocks)
+            + sum(blocks[i].layers * tokens(i) * _TOKENS for i in layout.cross_blocks))
     return (scores + kept) * _FLOAT32
 
 
-def largest_geometry() -> Geometry:
+def largest_geometry(side: int | None = None) -> Geometry:
     """The geometry with the most latent cells over every aspect ratio (a 1000-pixel side
-    and every other side 1..1000 covers each band of the reference resize)."""
+    and every other side 1..1000 covers each band of the reference resize; a fixed long
+    ``side``: the square)."""
+    if side:
+        return geometry(side, side, side)
     shapes = [geometry(h, 1000) for h in range(1, 1001)] + [geometry(1000, w) for w in range(1, 1001)]
     return max(shapes, key=lambda g: g.padded_height * g.padded_width)
 
@@ -123,7 +129,8 @@ class WsssMethod:
         budget = self.opts.memory_budget
         if budget is None:
             return
-        need = self.predictor.config.samples * row_bytes(self.predictor.sd.unet, largest_geometry())
+        need = self.predictor.config.samples * row_bytes(self.predictor.sd.unet,
+                                                         largest_geometry(self.predictor.sd.spec.wsss_side))
         if need > budget:
             raise ConfigError(f"--samples {self.predictor.config.samples} needs about {gib(need)} in one UNet call "
                               f"for the largest image, over --memory-budget {gib(budget)}; lower --samples "
@@ -190,7 +197,7 @@ class WsssMethod:
             raise StageFailed("prompt") from e
         if plan.actions:
             self.log(f"{sample.id}: prompt too long for 77 tokens: " + "; ".join(plan.actions))
-        geo = geometry(*rgb.shape[:2])
+        geo = self.predictor.geometry(*rgb.shape[:2])
         draws = self._draws(sample.id, geo)
         if self.opts.save_draws:
             draws.save(Path(self.opts.out) / DRAWS / f"{sample.id}.safetensors")
