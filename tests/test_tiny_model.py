@@ -268,4 +268,4 @@ def test_sd2_v_prediction_option_and_family_check(tmp_path):
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     assert scheduler.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="family must be one of"):
-        make_tiny_model(tmp_path / "xl", family="sdxl")
+        make_tiny_model(tmp_path / "xl", family="sdxl")      # SDXL has its own builder, make_tiny_sdxl_model

@@ -416,6 +416,8 @@ def segment(
     predictor = Text2Mask.from_pretrained(model, cs, MaskConfig(samples=samples, seed=seed, crf=crf),
                                           device=device, dtype=dtype.value, revision=revision, config_source=config,
                                           original_config=str(original_config) if original_config else None)
+    if predictor.sd.info.get("random_weights"):
+        log.warning("the model has random weights (test model): these masks are MEANINGLESS")
     classes = list(range(1, len(cs.classes) + 1))
     try:
         predictor.plan(classes)

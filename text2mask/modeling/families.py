@@ -100,7 +100,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            sdxl.LAYOUT, _sdxl_condition, _sdxl_added, wsss_side=sdxl.NATIVE_SIZE, components=sdxl.COMPONENTS),
     Family("kandinsky22", "Kandinsky 2.2 decoder", _is_kandinsky22, None,
            refusal="its UNet attends to a CLIP image embedding, not to a prompt, through added-KV attention; "
-                   "text2mask reads it only for few-shot segmentation: `text2mask fewshot --method diffseg`"),
+                   "text2mask reads it only for few-shot segmentation: `text2mask fewshot train --method diffseg --model <its folder>`"),
 )}
 
 
