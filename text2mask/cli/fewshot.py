@@ -19,7 +19,8 @@ from .root import (
 
 log = get(__name__)
 
-app = typer.Typer(no_args_is_help=True, help="Few-shot segmentation (DiffewS): segment things like these examples.")
+app = typer.Typer(no_args_is_help=True, help="Few-shot segmentation (DiffewS on SD 2.1, DiffSeg on Kandinsky 2.2): "
+                                              "segment things like these examples.")
 
 
 class BenchmarkName(str, Enum):
@@ -119,7 +120,6 @@ def evaluate(
     from ..distributed import Distributed
     from ..fewshot.checkpoint import load_diffews, read_info
     from ..fewshot.episodes import data_root as resolve_root, read_manifest
-    from ..fewshot.evaluate import evaluate as run_evaluation
     from ..runs import RunOptions
 
     # 1. Everything checked before the model loads.
@@ -153,6 +153,8 @@ def evaluate(
 
         m = load_diffseg(model, device=device, dtype=dtype.value, base_model=base_model)
     else:
+        from ..fewshot.evaluate import evaluate as run_evaluation
+
         m = load_diffews(model, device=device, dtype=dtype.value, base_model=base_model,
                          text_condition=text_condition.value if text_condition else None)
     opts = RunOptions(out=out, batch_size=batch_size, workers=workers,

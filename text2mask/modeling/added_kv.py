@@ -21,13 +21,13 @@ layer read: later layers cannot change a captured map.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..errors import ModelLoadError
+from .capture import _Done, swap_processors  # one processor swap, one early stop for every capture
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,6 @@ def added_kv_layers(unet) -> list[AddedKVLayer]:
             f"{'; not added-KV: ' + ', '.join(bad[:4]) if bad else ''}"
             f"{'; other attention layers: ' + ', '.join(others[:4]) if others else ''}")
     return layers
-
-
-@contextmanager
-def swap_processors(unet, processors: dict):
-    """Install ``{processor_key: processor}``; restore the originals on exit (also after an error)."""
-    saved = dict(unet.attn_processors)
-    unknown = sorted(set(processors) - set(saved))
-    if unknown:
-        raise KeyError(f"no attention layer {unknown[0]!r} in this UNet ({len(unknown)} unknown keys)")
-    unet.set_attn_processor({**saved, **processors})
-    try:
-        yield saved
-    finally:
-        unet.set_attn_processor(saved)
-
-
-class _Done(Exception):
-    """Raised after the last captured layer: the rest of the UNet is not needed."""
 
 
 def _stock_types() -> tuple[type, ...]:
