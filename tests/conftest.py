@@ -106,3 +106,21 @@ def make_voc_tree():
         return root
 
     return build
+
+
+# --- the quick subset: `scripts/test.sh -m "not slow"` --------------------------------------
+# Real-process tests (kills, several processes, fresh interpreters, wheels, torch.compile)
+# take most of the suite's time; they are marked slow. CI runs everything.
+SLOW_MODULES = {"test_compile", "test_runs_faults", "test_distributed", "test_resume", "test_packaging"}
+SLOW_WORDS = ("sigkill", "killed", "fresh_processes", "kill")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real-process tests left out of the quick subset (-m 'not slow')")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or any(w in item.name.lower() for w in SLOW_WORDS):
+            item.add_marker(pytest.mark.slow)

@@ -164,7 +164,7 @@ def test_kandinsky_decoder_is_refused_pointing_at_diffseg(tmp_path):
         {"encoder_hid_dim_type": "image_proj", "addition_embed_type": "image", "in_channels": 4}))
     pytest.importorskip("text2mask.modeling.kandinsky")
     assert family_of_unet({"encoder_hid_dim_type": "image_proj", "addition_embed_type": "image"}).name == "kandinsky22"
-    with pytest.raises(ModelLoadError, match=r"Kandinsky 2\.2 decoder: .*`text2mask fewshot --method diffseg`"):
+    with pytest.raises(ModelLoadError, match=r"Kandinsky 2\.2 decoder: .*`text2mask fewshot train --method diffseg"):
         load(str(folder), device="cpu", dtype="fp32", families=WSSS_FAMILIES)
 
 
