@@ -173,3 +173,32 @@ def test_sigkill_then_resume_equals_uninterrupted_and_changed_inputs_are_refused
     assert r.exit_code == 2 and "the listed images or masks" in r.output, r.output
     after = _weights(out)                                       # nothing rewritten
     assert all(torch.equal(after[k], resumed[k]) for k in resumed)
+
+
+def test_ctrl_c_finishes_the_step_keeps_it_and_resume_repeats_the_losses(full_run, tiny_sd2_dir, data, tmp_path,
+                                                                         monkeypatch):
+    """A real SIGINT during step 2 (checkpoints every 3): step 2 is finished and written as
+    checkpoint-2, then KeyboardInterrupt; --resume continues from it with the losses of the
+    uninterrupted run."""
+    import os
+    import signal
+
+    import text2mask.fewshot.train as T
+
+    out, losses = full_run
+    real, calls = T.episode_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "episode_loss", loss_then_ctrl_c)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tiny_sd2_dir), data, stopped, CONFIG, device="cpu", progress=False)
+    assert len(calls) == 2 and (stopped / "checkpoint-2").is_dir() and not (stopped / "checkpoint-3").exists()
+    monkeypatch.setattr(T, "episode_loss", real)
+    again = train(str(tiny_sd2_dir), data, stopped, CONFIG, resume=True, device="cpu", progress=False)
+    assert again == losses[2:]

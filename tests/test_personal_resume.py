@@ -148,3 +148,35 @@ def test_a_corrupt_checkpoint_is_refused_naming_file_and_field(kept, tmp_path, t
     res = _personalize([CAT, "--class", "cat", "--out", out, *FAST, "--model", tiny_model_dir, "--steps", "4"])
     assert res.exit_code == 2, res.output
     assert str(state) in res.output and key in res.output and "non-finite" in res.output
+
+
+def test_ctrl_c_finishes_the_step_keeps_it_and_the_rerun_ends_where_an_uninterrupted_run_ends(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """A real SIGINT to this process during step 3 (of 6, no periodic checkpoints): the step
+    is finished and written as step-3, KeyboardInterrupt follows, and the rerun resumes from
+    it to the bytes of a run never interrupted."""
+    import text2mask.personal.train as T
+
+    cfg = TrainConfig(class_name="cat", size=64, batch_size=1, steps=6, checkpoint_every=0)
+    straight = train_concept(load(str(tiny_model_dir), device="cpu", dtype="fp32"), [CAT], tmp_path / "straight",
+                             cfg, show_progress=False)
+    real_loss, calls = T._loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)       # arrives inside step 3
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_loss", loss_then_ctrl_c)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train_concept(load(str(tiny_model_dir), device="cpu", dtype="fp32"), [CAT], out, cfg, show_progress=False)
+    assert len(calls) == 3                            # step 3 finished, step 4 never began
+    assert sorted(p.name for p in (tmp_path / "stopped-checkpoints").iterdir() if p.name.startswith("step-")) \
+        == ["step-3"]
+    assert not (out / "concept.json").exists()
+    monkeypatch.setattr(T, "_loss", real_loss)
+    train_concept(load(str(tiny_model_dir), device="cpu", dtype="fp32"), [CAT], out, cfg, show_progress=False)
+    name = "pytorch_custom_diffusion_weights.safetensors"
+    assert (out / name).read_bytes() == (straight / name).read_bytes()

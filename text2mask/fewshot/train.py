@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..errors import ConfigError, ConfigMismatch, DatasetError, InputError, TrainingDiverged
 from ..io import read_json, write_json
-from ..log import get
+from ..log import get, progress as progress_bar
+from ..runs.interrupt import stop_after_step
 from ..modeling.loading import file_digest, folder_digest
 from .checkpoint import FEWSHOT_JSON, checkpoint_info, load_diffews, read_info, save_checkpoint
 from .diffews import DiffewsUNet, mask_to_image, square_mask, support_conv_in
@@ -311,28 +311,35 @@ def train(init: str, data: TrainData, out: Path, config: TrainConfig, *, resume:
 
     # 3. The steps.
     losses = []
-    bar = tqdm(total=config.steps, initial=start, unit="step", disable=not (progress and accelerator.is_main_process))
-    for step in range(start, config.steps):
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            rng, g = step_generators(config.seed, step, micro, accelerator.process_index, accelerator.device)
-            batch = draw_batch(data, rng, config.batch_size, config.max_shots, config.fewshot.resolution)
-            with accelerator.accumulate(net), accelerator.autocast():
-                loss = episode_loss(model, net, batch, g)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(net.parameters(), config.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-            step_loss += loss.item() / config.grad_accum
-        check_finite(step + 1, step_loss, net)
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        done = step + 1
-        if done % config.checkpoint_every == 0 and done < config.steps:
-            _save_state(accelerator, out, done)
+    bar = progress_bar(total=config.steps, initial=start, unit="step", enabled=progress and accelerator.is_main_process)
+    with stop_after_step(accelerator.num_processes == 1) as stop:
+        for step in range(start, config.steps):
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                rng, g = step_generators(config.seed, step, micro, accelerator.process_index, accelerator.device)
+                batch = draw_batch(data, rng, config.batch_size, config.max_shots, config.fewshot.resolution)
+                with accelerator.accumulate(net), accelerator.autocast():
+                    loss = episode_loss(model, net, batch, g)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(net.parameters(), config.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad()
+                step_loss += loss.item() / config.grad_accum
+            check_finite(step + 1, step_loss, net)
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            done = step + 1
+            if done % config.checkpoint_every == 0 and done < config.steps:
+                _save_state(accelerator, out, done)
+            elif stop.requested and done < config.steps:
+                _save_state(accelerator, out, done)
+            if stop.requested and done < config.steps:
+                log.info(f"stopped after step {done} of {config.steps}; its checkpoint is kept: rerun with "
+                         "--resume to continue")
+                raise KeyboardInterrupt
     bar.close()
 
     # 4. The final checkpoint, in the layout ``fewshot evaluate`` loads.

@@ -46,6 +46,7 @@ from ..guard import safe_name
 from ..io import image_files, read_image, write_bytes, write_json
 from ..log import get, progress
 from ..modeling.latents import image_seed, latent_sample, posterior, q_sample
+from ..runs.interrupt import stop_after_step
 from .concept import KV_PARAMS, Q_OUT_PARAMS, add_tokens, save_concept
 
 log = get(__name__)
@@ -482,6 +483,27 @@ def _fit(sd, model, acc, instance, prior, names, params, steps, start, path, out
     bar = progress(total=steps, initial=start, enabled=show_progress and acc.is_main_process, desc="personalize",
                    unit="step")
     batches = iter(loader)
+    with stop_after_step(acc.num_processes == 1) as stop:
+        _steps(model, sd, opt, trained, batches, alphas, v_pred, cfg, acc, bar, folder, fp, out, start, steps, stop)
+    bar.close()
+    acc.wait_for_everyone()
+
+    # Write format A + concept.json (main process).
+    if acc.is_main_process:
+        attn2 = {n: params[n].detach().float().cpu() for n in names}
+        info = {"class": cfg.class_name, "base_model": {k: v for k, v in sd.info.items() if k != "device"},
+                "settings": {**asdict(cfg), "steps": steps, "learning_rate": lr, "processes": acc.num_processes,
+                             "prior_preservation": bool(prior), "instance_photos": len(instance),
+                             "fingerprint_sha256": fingerprint_digest(fp)}}
+        save_concept(out, [cfg.token], model_row(acc, model), attn2, info)
+    acc.wait_for_everyone()
+    return out
+
+
+def _steps(model, sd, opt, trained, batches, alphas, v_pred, cfg, acc, bar, folder, fp, out, start, steps,
+           stop) -> None:
+    """Steps ``start..steps`` of ``train_concept``; on a stop request (Ctrl-C), the step in
+    progress is finished and checkpointed, then ``KeyboardInterrupt`` is raised."""
     for step in range(start, steps):
         for micro in range(cfg.accumulation):
             batch = next(batches)
@@ -508,19 +530,11 @@ def _fit(sd, model, acc, instance, prior, names, params, steps, start, path, out
             if acc.is_main_process:
                 _save_checkpoint(folder, done, trained, opt, acc.scaler, fp)
             acc.wait_for_everyone()
-    bar.close()
-    acc.wait_for_everyone()
-
-    # Write format A + concept.json (main process).
-    if acc.is_main_process:
-        attn2 = {n: params[n].detach().float().cpu() for n in names}
-        info = {"class": cfg.class_name, "base_model": {k: v for k, v in sd.info.items() if k != "device"},
-                "settings": {**asdict(cfg), "steps": steps, "learning_rate": lr, "processes": acc.num_processes,
-                             "prior_preservation": bool(prior), "instance_photos": len(instance),
-                             "fingerprint_sha256": fingerprint_digest(fp)}}
-        save_concept(out, [cfg.token], model_row(acc, model), attn2, info)
-    acc.wait_for_everyone()
-    return out
+        elif stop.requested and done < steps:
+            _save_checkpoint(folder, done, trained, opt, acc.scaler, fp)
+        if stop.requested and done < steps:
+            log.info(f"stopped after step {done} of {steps}; its checkpoint is kept: rerun the command to resume")
+            raise KeyboardInterrupt
 
 
 def model_row(acc, model) -> torch.Tensor:
