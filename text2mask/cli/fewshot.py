@@ -83,6 +83,7 @@ def episodes(
     write_manifest(out, m)
     log.info(f"{out}: {len(m.episodes)} {shots}-shot episodes of {benchmark.value} fold {fold}"
              + ("" if m.protocol["standard"] else " (not the standard protocol)"))
+    typer.echo(str(out))
 
 
 @app.command()
@@ -371,3 +372,4 @@ def import_released(
     run_import(released, out, base_model=base_model, benchmark=benchmark.value if benchmark else None,
                fold=fold, max_shots=max_shots)
     log.info(f"{out}: imported (text condition: unpadded, as the published evaluation)")
+    typer.echo(str(out))

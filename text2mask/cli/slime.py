@@ -157,6 +157,7 @@ def fit(
     kept = (f"best epoch {p.best_epoch + 1} of {epochs} (validation mIoU {p.validation_iou:.1f}% on "
             f"{slime.history['validation']})" if p.best_epoch is not None else f"last epoch {epochs}")
     log.info(f"wrote {out} ({len(names)} classes; {kept}); losses and validation per epoch in {history_path(out)}")
+    typer.echo(str(out))   # the result, on stdout
 
 
 @app.command()
@@ -254,6 +255,7 @@ def import_(
     p = import_official(folder, sd, classes, init_prompt, bgr)
     save_parts(p, out)
     log.info(f"wrote {out} ({len(p.classes)} classes: {', '.join(p.classes)})")
+    typer.echo(str(out))
 
 
 def _run_classes(pred: Path) -> tuple[Path, list[str]] | None:
