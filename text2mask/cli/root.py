@@ -73,7 +73,8 @@ def _hide_flag_types() -> None:
 _hide_flag_types()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Segmentation masks from the attention inside Stable Diffusion.")
+                  help="Segmentation masks from the attention inside diffusion models (Stable Diffusion 1.x, 2.x, "
+                       "XL; Kandinsky 2.2 for DiffSeg).")
 
 
 def exits(command):
