@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from processes import kill_when
 from text2mask.cli import app
 from text2mask.io import read_index_png
 from tiny_kandinsky import make_tiny_kandinsky
@@ -125,15 +125,7 @@ def test_killed_training_resumes_to_the_same_losses(trained, tiny_dir, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "text2mask", "fewshot", *map(str, _train_args(tiny_dir, out))]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 600
-        while not (out / "checkpoint-1" / "step.json").is_file():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_when(proc, (out / "checkpoint-1" / "step.json").is_file, output=lambda: proc.stderr.read().decode()[-2000:])
     assert proc.returncode == -signal.SIGKILL and not (out / "fewshot.json").exists()
     r = _run(*_train_args(tiny_dir, out))                    # without --resume: refused
     assert r.exit_code == 2 and "--resume" in r.output, r.output

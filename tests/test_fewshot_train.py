@@ -122,8 +122,8 @@ def test_sigkill_then_resume_equals_uninterrupted_and_changed_inputs_are_refused
     import signal
     import subprocess
     import sys
-    import time
 
+    from processes import kill_when
     from typer.testing import CliRunner
 
     from text2mask.cli import app
@@ -138,10 +138,7 @@ def test_sigkill_then_resume_equals_uninterrupted_and_changed_inputs_are_refused
     env = {**os.environ, "OMP_NUM_THREADS": "1"}        # as this module's one_thread
     proc = subprocess.Popen([sys.executable, "-m", "text2mask", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=REPO, env=env)
-    while not (out / "checkpoint-3" / "step.json").is_file() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, (out / "checkpoint-3" / "step.json").is_file, output=lambda: proc.stderr.read().decode()[-2000:])
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / "fewshot.json").exists()                 # killed before the end
     r = subprocess.run([sys.executable, "-m", "text2mask", *args, "--resume"], capture_output=True, text=True,

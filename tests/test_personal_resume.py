@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from processes import kill_when
 from text2mask.cli import app
 from text2mask.modeling.loading import load
 from text2mask.personal.concept import Concept
@@ -46,13 +46,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     checkpoints = tmp_path / "killed-checkpoints"
     proc = subprocess.Popen(_command(tiny_model_dir, out, "--steps", "8", "--checkpoint-every", "1"), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "step-2").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, (checkpoints / "step-2").is_dir, seconds=300, output=lambda: proc.stderr.read().decode())
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "concept.json").exists()           # killed mid-training
     kept = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-"))

@@ -16,13 +16,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
+from processes import kill_when
 from text2mask.cli import app
 from text2mask.data.voc import load_voc
 from text2mask.io import read_image
@@ -82,21 +82,10 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_model_dir, make_voc
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cli_command(root, work, tiny_model_dir), env=child_env(), cwd=tmp_path,
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
     try:
-        while True:
-            finished = list((work / "masks").glob("*.png")) if (work / "masks").is_dir() else []
-            if finished:
-                break
-            assert proc.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
-            assert time.monotonic() < deadline, "no mask appeared in time"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        kill_when(proc, lambda: (work / "masks").is_dir() and any((work / "masks").glob("*.png")),
+                  output=(tmp_path / "killed.log").read_text)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL
     complete = sorted(p.stem for p in (work / "masks").glob("*.png"))

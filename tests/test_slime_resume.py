@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from processes import kill_when
 from text2mask.cli import app
 from text2mask.io import read_image, read_index_png
 from text2mask.slime import fit as FIT
@@ -56,18 +56,9 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_same_bytes(tiny_model_dir, tmp
     ckpt = work.with_name("p.slime.ckpt")
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(command(work, tiny_model_dir), env=child_env(), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    try:
-        while not ckpt.is_file():      # the first epoch is done: kill it mid-fit
-            assert proc.poll() is None, "the fit ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
-            assert time.monotonic() < deadline, "no checkpoint appeared in time"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    try:               # the first epoch is done: kill it mid-fit
+        kill_when(proc, ckpt.is_file, output=(tmp_path / "killed.log").read_text)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.is_file() and not work.exists(), "killed too late to test resuming"
