@@ -245,11 +245,18 @@ def score_run(out: str | Path, score_at: str = DEFAULT_SCORE_AT, log=print) -> d
 def evaluate(model: DiffewS, manifest: Manifest, root: Path, opts, *, score_at: str = DEFAULT_SCORE_AT,
              visualize: int = 0, log=print, dist=None):
     """Score ``model`` on the manifest's episodes into ``opts.out`` (``text2mask.runs.run``)."""
+    return run_episodes(lambda say: FewShotEvaluation(model, manifest, root, score_at, visualize, say),
+                        model.sd.info.get("random_weights"), manifest, opts, log=log, dist=dist)
+
+
+def run_episodes(method_for, random_weights: bool, manifest: Manifest, opts, *, log=print, dist=None):
+    """The manifest's episodes through the shared runner, with the evaluation method that
+    ``method_for(log)`` builds (DiffewS's or DiffSeg's); only the main process logs."""
     from ..distributed import Distributed
     from ..runs import run
 
     dist = dist or Distributed.from_env()
-    method = FewShotEvaluation(model, manifest, root, score_at, visualize, log if dist.main else (lambda m: None))
-    if dist.main and model.sd.info.get("random_weights"):
+    method = method_for(log if dist.main else (lambda m: None))
+    if dist.main and random_weights:
         log(f"WARNING: {MEANINGLESS}")
     return run(method, manifest.episodes, opts, log=log, dist=dist)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ModelLoadError
-from .capture import _Done, swap_processors  # one processor swap, one early stop for every capture
+from .capture import ProcessorCapture, _Done  # one processor swap, one early stop for every capture
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def split_probabilities(mean_probs: torch.Tensor, tokens: int) -> tuple[torch.Te
     return cross, spatial / spatial.sum(dim=-1, keepdim=True)
 
 
-class AddedKVCapture:
+class AddedKVCapture(ProcessorCapture):
     """Hooks the added-KV layers ``layers`` (indices in forward order; default all) and
     hands back their maps:
 
@@ -158,7 +158,6 @@ class AddedKVCapture:
         self._latent_hw = (0, 0)
         self._maps: list[LayerMaps] = []
         self.output: torch.Tensor | None = None
-        self._swap = None
 
     @property
     def last_layer(self) -> AddedKVLayer:
@@ -174,13 +173,8 @@ class AddedKVCapture:
                     f"added-KV capture cannot replace the processor {type(proc).__qualname__} of {layer.name}: "
                     "it only reproduces diffusers' AttnAddedKVProcessor(2_0)")
             procs[layer.processor_key] = _ProbabilityProcessor(self, layer, last=layer == self.last_layer)
-        self._swap = swap_processors(self.unet, procs)
-        self._swap.__enter__()
+        self._install(procs)
         return self
-
-    def __exit__(self, *exc) -> None:
-        swap, self._swap = self._swap, None
-        swap.__exit__(*exc)
 
     def _record(self, layer: AddedKVLayer, mean_probs: torch.Tensor, tokens: int) -> None:
         lh, lw = self._latent_hw
@@ -196,15 +190,9 @@ class AddedKVCapture:
         """One UNet forward on ``latents`` conditioned on ``image_embeds`` (no text, no
         guidance: ``encoder_hidden_states=None``), stopped after the last captured layer
         (``stop_early``; otherwise ``self.output`` holds the UNet output)."""
-        if self._swap is None:
-            raise RuntimeError("AddedKVCapture.run() must be called inside `with AddedKVCapture(...)`")
-        self._latent_hw = tuple(latents.shape[-2:])
-        self._maps, self.output = [], None
-        try:
-            self.output = self.unet(latents, timestep, encoder_hidden_states=None,
-                                    added_cond_kwargs={"image_embeds": image_embeds}).sample
-        except _Done:
-            pass
+        self._maps = []
+        self.output = self._forward(latents, timestep, encoder_hidden_states=None,
+                                    added_cond_kwargs={"image_embeds": image_embeds})
         maps, self._maps = self._maps, []
         if [m.layer for m in maps] != list(self.layers):
             raise RuntimeError(f"captured {len(maps)} of {len(self.layers)} layers")

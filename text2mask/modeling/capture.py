@@ -251,7 +251,35 @@ def _layer_mean(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
 
 
-class AttentionCapture:
+class ProcessorCapture:
+    """What every capture shares (``AttentionCapture``, ``added_kv.AddedKVCapture``): its
+    processors are installed on ``self.unet`` for the ``with`` block only, and one UNet
+    forward inside it may be stopped after the last hooked layer (``_Done``)."""
+
+    unet = None
+    _swap = None
+
+    def _install(self, processors: dict) -> None:
+        self._swap = swap_processors(self.unet, processors)
+        self._swap.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        swap, self._swap = self._swap, None
+        swap.__exit__(*exc)
+
+    def _forward(self, latents: torch.Tensor, timestep, **unet_kwargs) -> torch.Tensor | None:
+        """The UNet's output, or None when the pass stopped after the last hooked layer."""
+        if self._swap is None:
+            name = type(self).__name__
+            raise RuntimeError(f"{name}.run() must be called inside `with {name}(...)`")
+        self._latent_hw = tuple(latents.shape[-2:])
+        try:
+            return self.unet(latents, timestep, **unet_kwargs).sample
+        except _Done:
+            return None
+
+
+class AttentionCapture(ProcessorCapture):
     """Context manager in the spirit of DAAM's ``trace``: hooks the cross-attention of
     ``cross_blocks`` and the self-attention of ``self_blocks`` (every transformer layer of
     each) and hands back the maps.
@@ -283,7 +311,6 @@ class AttentionCapture:
         self.stop_early = stop_early
         self._latent_hw = (0, 0)
         self._reset()
-        self._swap = None
 
     def _reset(self) -> None:
         self._maps = CapturedMaps()
@@ -302,13 +329,8 @@ class AttentionCapture:
             key = b.processor_key(kind, layer)
             custom = _projections(current[key], key)
             procs[key] = _ProbabilityProcessor(self, b, kind, last=(b, layer, kind) == last, custom=custom)
-        self._swap = swap_processors(self.unet, procs)
-        self._swap.__enter__()
+        self._install(procs)
         return self
-
-    def __exit__(self, *exc) -> None:
-        swap, self._swap = self._swap, None
-        swap.__exit__(*exc)
 
     def _grid(self, block: Block, n: int) -> tuple[int, int]:
         lh, lw = self._latent_hw
@@ -333,16 +355,9 @@ class AttentionCapture:
     def run(self, latents: torch.Tensor, timestep, text_embeddings: torch.Tensor,
             added_cond_kwargs: dict | None = None) -> CapturedMaps:
         """One UNet forward (stopped after the last hooked layer if ``stop_early``); returns the maps."""
-        if self._swap is None:
-            raise RuntimeError("AttentionCapture.run() must be called inside `with AttentionCapture(...)`")
-        self._latent_hw = tuple(latents.shape[-2:])
         self._reset()
         extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
-        try:
-            out = self.unet(latents, timestep, encoder_hidden_states=text_embeddings, **extra)
-            self._maps.output = out.sample
-        except _Done:
-            pass
+        self._maps.output = self._forward(latents, timestep, encoder_hidden_states=text_embeddings, **extra)
         maps, cross, logits, parts = self._maps, self._cross_parts, self._logit_parts, self._self_parts
         self._reset()
         for b in self.cross_blocks:

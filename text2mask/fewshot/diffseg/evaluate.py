@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..episodes import Manifest
-from ..evaluate import DEFAULT_SCORE_AT, MEANINGLESS, FewShotEvaluation
+from ..evaluate import DEFAULT_SCORE_AT, FewShotEvaluation, run_episodes
 from .model import DiffSeg
 
 
@@ -22,11 +22,5 @@ class DiffSegEvaluation(FewShotEvaluation):
 def evaluate(model: DiffSeg, manifest: Manifest, root: Path, opts, *, score_at: str = DEFAULT_SCORE_AT,
              visualize: int = 0, log=print, dist=None):
     """Score ``model`` on the manifest's episodes into ``opts.out`` (``text2mask.runs.run``)."""
-    from ...distributed import Distributed
-    from ...runs import run
-
-    dist = dist or Distributed.from_env()
-    method = DiffSegEvaluation(model, manifest, root, score_at, visualize, log if dist.main else (lambda m: None))
-    if dist.main and model.base.info.get("random_weights"):
-        log(f"WARNING: {MEANINGLESS}")
-    return run(method, manifest.episodes, opts, log=log, dist=dist)
+    return run_episodes(lambda say: DiffSegEvaluation(model, manifest, root, score_at, visualize, say),
+                        model.base.info.get("random_weights"), manifest, opts, log=log, dist=dist)
